@@ -1,0 +1,130 @@
+"""Building blocks of the Llama family: the adapter-carrying linear layer, RMSNorm, RoPE and attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alora.context import SeqSpan, get_context
+from alora_kernels import mixed_lora_linear
+
+try:  # optional: used on CUDA when installed
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+
+@dataclass
+class LoraStack:
+    """The low-rank weights of every loaded adapter for one projection, indexed by adapter slot.
+
+    ``A`` [S, r, in], ``B`` [S, out, r] (smaller ranks zero-padded), ``scale`` [S] float32.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: torch.Tensor
+
+
+class Linear(nn.Module):
+    """A projection that mixes base and adapter outputs per token, by the slots in the forward context.
+
+    Fused projections (q|k|v, gate|up) list their parts' output sizes in ``parts`` so adapters trained on
+    the separate projections can be stacked into the fused layout.
+    """
+
+    def __init__(self, in_features: int, out_features: int | list[int], bias: bool):
+        super().__init__()
+        self.parts = list(out_features) if isinstance(out_features, (list, tuple)) else [out_features]
+        self.in_features, self.out_features = in_features, sum(self.parts)
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(self.out_features), requires_grad=False) if bias else None
+        self.lora: LoraStack | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slots = get_context().slots
+        if slots is None or self.lora is None:
+            return F.linear(x, self.weight, self.bias)
+        lora = self.lora
+        return mixed_lora_linear(x, self.weight, self.bias, lora.A, lora.B, lora.scale, slots)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+
+
+class Rotary(nn.Module):
+    """Rotary embeddings from a table of cos/sin per position, grown on demand."""
+
+    def __init__(self, inv_freq: torch.Tensor, max_positions: int):
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self._build(max_positions)
+
+    def _build(self, n: int) -> None:
+        t = torch.arange(n, dtype=torch.float32, device=self.inv_freq.device)
+        freqs = torch.outer(t, self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos, self.sin = emb.cos(), emb.sin()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if int(positions.max()) >= self.cos.shape[0]:
+            self._build(2 * int(positions.max()) + 1)
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: SeqSpan, layer: int,
+           scale: float, window: int | None) -> torch.Tensor:
+    """Causal attention of one sequence's new tokens over its cached past plus themselves.
+
+    q [n, heads, d], k/v [n, kv_heads, d] (the new tokens); returns [n, heads, d].
+    """
+    n, past = span.length, span.past
+    keys, values = span.cache.write(layer, past, k, v)  # [kv_heads, past+n, d]
+    total = past + n
+    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out = flash_attn_func(q.unsqueeze(0), keys.transpose(0, 1).unsqueeze(0),
+                              values.transpose(0, 1).unsqueeze(0), softmax_scale=scale, causal=True,
+                              window_size=(window - 1, 0) if window else (-1, -1))
+        return out.squeeze(0)
+    heads, kv_heads = q.shape[1], keys.shape[0]
+    if n == 1:
+        # One query row needs no mask: fold each KV head's query group into rows, no K/V copies.
+        qg = q.view(kv_heads, heads // kv_heads, q.shape[-1])
+        if window is not None and total > window:
+            keys, values = keys[:, total - window:], values[:, total - window:]
+        out = F.scaled_dot_product_attention(qg[None], keys[None], values[None], scale=scale)
+        return out.reshape(1, heads, q.shape[-1])
+    if kv_heads != heads:
+        # Explicit repeat: SDPA's enable_gqa falls back to a slower, less accurate path on CPU.
+        keys = keys.repeat_interleave(heads // kv_heads, dim=0)
+        values = values.repeat_interleave(heads // kv_heads, dim=0)
+    rows = torch.arange(past, total, device=q.device).unsqueeze(1)
+    cols = torch.arange(total, device=q.device).unsqueeze(0)
+    mask = None
+    if window is not None and total > window:
+        mask = (cols <= rows) & (cols > rows - window)
+    elif past > 0:
+        mask = cols <= rows
+    # 4-D inputs: 3-D ones take a different, less accurate CPU kernel
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
+                                         is_causal=mask is None, scale=scale)
+    return out[0].transpose(0, 1)

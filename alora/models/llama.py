@@ -1,0 +1,114 @@
+"""The Llama family (llama, mistral, granite, qwen2, qwen3) as one compact torch model.
+
+Activations are flattened to [tokens, hidden]: one forward may carry the new tokens of several sequences,
+each attending over its own KV cache (see ``alora.context``). q|k|v and gate|up are fused projections.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alora.context import get_context
+from alora.models.config import ModelConfig
+from alora.models.layers import Linear, RMSNorm, Rotary, attend
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rotary: Rotary):
+        super().__init__()
+        self.layer, self.rotary = layer, rotary
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = Linear(cfg.hidden_size, [q, kv, kv], bias=cfg.qkv_bias)
+        self.o_proj = Linear(q, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.scale = cfg.attention_scale if cfg.attention_scale is not None else 1 / math.sqrt(cfg.head_dim)
+        self.window = cfg.sliding_window
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = get_context()
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.parts, dim=-1)
+        q = q.view(T, self.heads, self.head_dim)
+        k = k.view(T, self.kv_heads, self.head_dim)
+        v = v.view(T, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(q, k, ctx.positions)
+        if len(ctx.spans) == 1:
+            out = attend(q, k, v, ctx.spans[0], self.layer, self.scale, self.window)
+        else:
+            out = torch.cat([
+                attend(q[s.start:s.start + s.length], k[s.start:s.start + s.length],
+                       v[s.start:s.start + s.length], s, self.layer, self.scale, self.window)
+                for s in ctx.spans
+            ])
+        return self.o_proj(out.reshape(T, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = Linear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rotary: Rotary):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer, rotary)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+        self.residual_multiplier = cfg.residual_multiplier
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        m = self.residual_multiplier
+        attn = self.self_attn(self.input_layernorm(h))
+        h = h + attn * m if m != 1.0 else h + attn
+        mlp = self.mlp(self.post_attention_layernorm(h))
+        return h + mlp * m if m != 1.0 else h + mlp
+
+
+class LlamaModel(nn.Module):
+    """Decoder-only transformer. ``forward`` reads positions, caches and adapter slots from the context."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.rotary = Rotary(cfg.inv_freq(), min(cfg.max_position_embeddings, 4096))
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(Block(cfg, i, self.rotary) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head_weight = (
+            self.embed_tokens.weight if cfg.tie_word_embeddings
+            else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
+        )
+
+    def forward(self, token_ids: torch.Tensor, logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """token_ids [T] -> logits [len(logit_rows) or T, vocab] in float32."""
+        h = self.embed_tokens(token_ids)
+        if self.config.embedding_multiplier != 1.0:
+            h = h * self.config.embedding_multiplier
+        for block in self.layers:
+            h = block(h)
+        if logit_rows is not None:
+            h = h[logit_rows]
+        logits = F.linear(self.norm(h), self.lm_head_weight).float()
+        if self.config.logits_scaling != 1.0:
+            logits = logits / self.config.logits_scaling
+        return logits
+
+    def projections(self) -> dict[str, Linear]:
+        """Every adapter-capable projection by a stable name, e.g. 'layers.3.self_attn.qkv_proj'."""
+        return {name: mod for name, mod in self.named_modules() if isinstance(mod, Linear)}

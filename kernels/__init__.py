@@ -1,0 +1,87 @@
+"""Mixed base + multi-adapter LoRA linear layer: one call serves a batch whose rows use different adapters.
+
+Two backends: a Triton kernel (``triton_mixed``) and a torch path (``torch_ref``). Triton is imported lazily,
+only when the Triton backend is first used, so importing this package stays cheap and a CPU process never
+loads it (which also lets tests enable the interpreter, ``TRITON_INTERPRET=1``, in a subprocess of their own).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+
+from alora_kernels.torch_ref import mixed_lora_linear_torch
+
+__all__ = ["mixed_lora_linear"]
+
+
+def mixed_lora_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor | None,
+                      B: torch.Tensor | None, scale: torch.Tensor | None, slot: torch.Tensor | None,
+                      backend: str | None = None) -> torch.Tensor:
+    """A linear layer whose rows each add their own adapter's low-rank update.
+
+    ``y[t] = x[t]·Wᵀ (+ bias) + scale[s]·(x[t]·A[s]ᵀ)·B[s]ᵀ`` where ``s = slot[t]``; nothing is added where
+    ``s = -1`` (any negative slot is a base row).
+
+    Args:
+        x: [T, K] activations.
+        W: [N, K] base weight; ``bias``: [N] or None.
+        A: [S, r, K] stacked adapter down-projections (smaller ranks zero-padded to r).
+        B: [S, N, r] stacked adapter up-projections.
+        scale: [S] float32 per-adapter scaling (``lora_alpha / r`` or its rsLoRA form).
+        slot: [T] int32 (or int64) adapter slot per row, -1 for base rows.
+        backend: None picks Triton for CUDA tensors (torch if Triton is not installed) and torch elsewhere;
+            "triton" forces the kernel (CPU tensors need ``TRITON_INTERPRET=1`` and float32/float16);
+            "torch" forces the torch path.
+
+    ``A is None`` or ``slot is None`` means "no adapters": the call is exactly ``F.linear(x, W, bias)``.
+
+    Returns:
+        [T, N] in x's dtype.
+    """
+    if A is None or slot is None:
+        return F.linear(x, W, bias)
+    _check(x, W, bias, A, B, scale, slot)
+    if backend is None:
+        backend = "triton" if x.is_cuda and _triton_installed() else "torch"
+    if backend == "torch":
+        return mixed_lora_linear_torch(x, W, bias, A, B, scale, slot)
+    if backend == "triton":
+        from alora_kernels.triton_mixed import mixed_lora_linear_triton
+
+        return mixed_lora_linear_triton(x, W, bias, A, B, scale, slot)
+    raise ValueError(f"backend must be None, 'torch' or 'triton', not {backend!r}")
+
+
+@cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _check(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor | None,
+           scale: torch.Tensor | None, slot: torch.Tensor) -> None:
+    """Shape and dtype checks: metadata only, no device reads (this runs on every projection call)."""
+    if x.dim() != 2 or W.dim() != 2 or x.shape[1] != W.shape[1]:
+        raise ValueError(f"expected x [T, K] and W [N, K], got x {tuple(x.shape)} and W {tuple(W.shape)}")
+    (T, K), N = x.shape, W.shape[0]
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"bias must be [N={N}], got {tuple(bias.shape)}")
+    if B is None or scale is None:
+        raise ValueError("A, B and scale must be given together")
+    if A.dim() != 3 or A.shape[2] != K:
+        raise ValueError(f"A must be [S, r, K={K}], got {tuple(A.shape)}")
+    S, r = A.shape[0], A.shape[1]
+    if B.shape != (S, N, r):
+        raise ValueError(f"B must be [S={S}, N={N}, r={r}], got {tuple(B.shape)}")
+    if scale.shape != (S,):
+        raise ValueError(f"scale must be [S={S}], got {tuple(scale.shape)}")
+    if slot.shape != (T,):
+        raise ValueError(f"slot must be [T={T}], got {tuple(slot.shape)}")
+    if slot.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slot must be int32 or int64, got {slot.dtype}")
+    if not (W.dtype == A.dtype == B.dtype == x.dtype) or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"x, W, bias, A and B must share one dtype, got x {x.dtype}, W {W.dtype}, "
+                         f"A {A.dtype}, B {B.dtype}" + (f", bias {bias.dtype}" if bias is not None else ""))

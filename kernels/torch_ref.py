@@ -1,0 +1,59 @@
+"""The torch path of ``mixed_lora_linear``: the CPU production path and the reference for the Triton kernel.
+
+One base GEMM for all rows, then, per adapter slot present, two small GEMMs on that slot's rows:
+
+- rows of a slot that form one contiguous run (decode of one sequence, an aLoRA's tail after its invocation,
+  a batch where every row shares one adapter) are updated in place through row slices: no gather, no scatter;
+- rows of a slot scattered across the batch are gathered, updated and scattered back with ``index_add_``.
+
+Numerics: everything runs in x's dtype, as PEFT does: the low-rank intermediate ``x·Aᵀ`` is rounded to it, the
+GEMMs accumulate as torch's do (float32 on CPU for half dtypes), and the expand adds ``scale·h·Bᵀ`` into the
+base output inside one ``addmm_`` (scale as its ``alpha``). The Triton kernel rounds the intermediate the same
+way but keeps base and update in one float32 accumulator, so the two agree to the dtype's rounding.
+"""
+
+from __future__ import annotations
+
+from itertools import groupby
+
+import torch
+import torch.nn.functional as F
+
+
+def _slot_runs(slot: torch.Tensor, num_slots: int) -> dict[int, list[tuple[int, int]]]:
+    """Map each adapter slot present in ``slot`` to its runs of consecutive rows ``[(start, stop), ...]``.
+
+    Negative slots are base rows and are left out. Reads the slots once (a device sync off CPU).
+    """
+    runs: dict[int, list[tuple[int, int]]] = {}
+    start = 0
+    for s, group in groupby(slot.tolist()):
+        stop = start + sum(1 for _ in group)
+        if s >= 0:
+            if s >= num_slots:
+                raise ValueError(f"slot {s} out of range: only {num_slots} adapter slots are stacked")
+            runs.setdefault(s, []).append((start, stop))
+        start = stop
+    return runs
+
+
+def mixed_lora_linear_torch(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                            B: torch.Tensor, scale: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """``y[t] = x[t]·Wᵀ (+ bias) + scale[s]·(x[t]·A[s]ᵀ)·B[s]ᵀ`` with ``s = slot[t]`` (nothing added where s < 0).
+
+    Shapes are assumed valid (``alora_kernels.mixed_lora_linear`` checks them).
+    """
+    y = F.linear(x, W, bias)
+    runs = _slot_runs(slot, A.shape[0])
+    if not runs:
+        return y
+    scales = scale.tolist()
+    for s, spans in runs.items():
+        if len(spans) == 1:
+            start, stop = spans[0]
+            xs, ys = (x, y) if stop - start == len(x) else (x[start:stop], y[start:stop])
+            ys.addmm_(F.linear(xs, A[s]), B[s].t(), alpha=scales[s])
+        else:
+            rows = torch.tensor([i for a, b in spans for i in range(a, b)], device=x.device)
+            y.index_add_(0, rows, F.linear(F.linear(x[rows], A[s]), B[s]), alpha=scales[s])
+    return y
