@@ -78,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except (FileNotFoundError, ValueError, KeyError) as e:  # bad paths, adapters, configs: no traceback
+        print(f"alora: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -59,6 +59,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
 
 
@@ -78,12 +80,16 @@ class Rotary(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos, self.sin = emb.cos(), emb.sin()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare(self, positions: torch.Tensor, dtype: torch.dtype) -> None:
+        """Gather cos/sin for this forward's positions once; every layer's ``forward`` then reuses them."""
         if int(positions.max()) >= self.cos.shape[0]:
             self._build(2 * int(positions.max()) + 1)
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        self._cos = self.cos[positions].unsqueeze(1).to(dtype)
+        self._sin = self.sin[positions].unsqueeze(1).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate x [T, heads, head_dim] by the positions given to ``prepare``."""
+        return x * self._cos + _rotate_half(x) * self._sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -107,11 +113,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: SeqSpan, lay
         return out.squeeze(0)
     heads, kv_heads = q.shape[1], keys.shape[0]
     if n == 1:
-        # One query row needs no mask: fold each KV head's query group into rows, no K/V copies.
+        # One query row needs no mask: fold each KV head's query group into rows (no K/V copies) and use
+        # plain matmuls, which beat SDPA's CPU kernel by far at this size.
         qg = q.view(kv_heads, heads // kv_heads, q.shape[-1])
         if window is not None and total > window:
             keys, values = keys[:, total - window:], values[:, total - window:]
-        out = F.scaled_dot_product_attention(qg[None], keys[None], values[None], scale=scale)
+        scores = torch.baddbmm(qg.new_empty(()), qg, keys.transpose(1, 2), beta=0, alpha=scale)
+        out = torch.bmm(torch.softmax(scores.float(), dim=-1).to(values.dtype), values)
         return out.reshape(1, heads, q.shape[-1])
     if kv_heads != heads:
         # Explicit repeat: SDPA's enable_gqa falls back to a slower, less accurate path on CPU.

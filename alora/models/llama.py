@@ -33,13 +33,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = get_context()
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.parts, dim=-1)
-        q = q.view(T, self.heads, self.head_dim)
-        k = k.view(T, self.kv_heads, self.head_dim)
-        v = v.view(T, self.kv_heads, self.head_dim)
+        H, Hkv = self.heads, self.kv_heads
+        qkv = self.qkv_proj(x).view(T, H + 2 * Hkv, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(q, k, ctx.positions)
+            qk = torch.cat([self.q_norm(qkv[:, :H]), self.k_norm(qkv[:, H:H + Hkv])], dim=1)
+        else:
+            qk = qkv[:, :H + Hkv]
+        q, k = self.rotary(qk).split([H, Hkv], dim=1)  # q and k rotated together: half the ops
+        v = qkv[:, H + Hkv:]
         if len(ctx.spans) == 1:
             out = attend(q, k, v, ctx.spans[0], self.layer, self.scale, self.window)
         else:
@@ -97,6 +98,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, token_ids: torch.Tensor, logit_rows: torch.Tensor | None = None) -> torch.Tensor:
         """token_ids [T] -> logits [len(logit_rows) or T, vocab] in float32."""
+        self.rotary.prepare(get_context().positions, self.embed_tokens.weight.dtype)
         h = self.embed_tokens(token_ids)
         if self.config.embedding_multiplier != 1.0:
             h = h * self.config.embedding_multiplier

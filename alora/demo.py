@@ -1,0 +1,32 @@
+"""The demo adapters shipped inside the package, trained on the default model (SmolLM2-135M-Instruct).
+
+Intrinsics made by context distillation (``benchmarks/make_intrinsics_data.py``, ``alora train``):
+``title``, ``summary`` and ``followup`` are aLoRAs (invoked after the history, cache reused); ``title_lora``
+is a standard LoRA trained on the same data, for comparison (it recomputes the history).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DEMO_DIR = Path(__file__).resolve().parent / "demo_adapters"
+
+
+def demo_adapters() -> dict[str, Path]:
+    """``{name: folder}`` of every shipped adapter (PEFT folders for the default model), sorted by name."""
+    if not DEMO_DIR.is_dir():
+        return {}
+    return {d.name: d for d in sorted(DEMO_DIR.iterdir())
+            if (d / "adapter_config.json").is_file() and (d / "adapter_model.safetensors").is_file()}
+
+
+def load_demo_adapters(engine, names: list[str] | None = None) -> dict:
+    """Load the shipped adapters (all, or ``names``) into ``engine``; returns ``{name: AdapterInfo}``.
+
+    They are trained for the default model: load them into ``Engine.from_pretrained()`` only.
+    """
+    folders = demo_adapters()
+    unknown = sorted(set(names or []) - set(folders))
+    if unknown:
+        raise KeyError(f"no demo adapter named {unknown} (shipped: {', '.join(folders)})")
+    return {n: engine.load_adapter(n, p) for n, p in folders.items() if names is None or n in names}
