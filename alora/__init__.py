@@ -1,14 +1,14 @@
 """alora: a chat runtime for Activated-LoRA adapters that reuse the conversation's base-model KV cache."""
 
 from alora.adapters import AdapterError, AdapterInfo
-from alora.conversation import Conversation, Job
+from alora.conversation import Conversation, ConversationBusyError, Job
 from alora.engine import CallStats, ContextOverflowError, Engine
 from alora.models import UnsupportedModelError
 from alora.safetensors_io import CheckpointError
 from alora.sampling import SamplingParams
 
 __all__ = [
-    "Engine", "Conversation", "Job", "CallStats", "SamplingParams", "AdapterInfo",
+    "Engine", "Conversation", "ConversationBusyError", "Job", "CallStats", "SamplingParams", "AdapterInfo",
     "AdapterError", "CheckpointError", "ContextOverflowError", "UnsupportedModelError",
 ]
 __version__ = "0.1.0"

@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from alora.engine import Call, CallStats, Engine
 
 
+class ConversationBusyError(RuntimeError):
+    """A conversation serves one call at a time."""
+
+
 @dataclass
 class Turn:
     message: dict
@@ -38,6 +42,7 @@ class Job:
     suffix: list[int]
     added_user: bool
     rollback_to: int | None  # cache length to return to at the end (adapter positions), None: keep all
+    thread: int = 0  # the thread that started it
     done: bool = False
 
 
@@ -165,7 +170,7 @@ class Conversation:
         already = len(history) - (len(self._turns[-1].ids) if added_user else 0)
         stats.recomputed_tokens = max(0, already - reuse)
         call = engine.start_call(cache, prompt[reuse:], slots[reuse:], slots[-1], params, stats)
-        job = Job(self, call, adapter, keep, templated, suffix, added_user, rollback)
+        job = Job(self, call, adapter, keep, templated, suffix, added_user, rollback, threading.get_ident())
         self._active = job
         self.stats = stats
         return job
@@ -212,8 +217,15 @@ class Conversation:
             self.engine._forward([(self._cache, history[reuse:], [-1] * (len(history) - reuse))])
 
     def _close_active(self) -> None:
-        if self._active is not None:
-            self.finish(self._active)
+        """Before a new call: end an abandoned stream of this thread (keeping its partial output); a call
+        still running in another thread makes this one fail fast instead of corrupting the history."""
+        job = self._active
+        if job is None:
+            return
+        if job.thread != threading.get_ident():
+            raise ConversationBusyError("this conversation is busy with a call from another thread; wait for it "
+                                        "to finish or stop it, or use one conversation per thread")
+        self.finish(job)
 
     # ---- tokens of the history ----------------------------------------------------------------------
 

@@ -78,3 +78,26 @@ def test_bad_sampling_arguments(engine):
     with pytest.raises(TypeError):
         conv.send("hi", nonsense=1)
     assert conv.messages == []
+
+
+def test_conversation_used_from_two_threads_fails_fast(engine):
+    import threading
+
+    conv = engine.conversation()
+    stream = conv.send("Tell me about cats.", max_new_tokens=30)
+    next(stream)
+    errors = []
+
+    def other():
+        try:
+            conv.send("And dogs?")
+        except alora.ConversationBusyError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert errors and "busy" in str(errors[0])
+    rest = "".join(stream)
+    assert conv.messages[-1]["role"] == "assistant" and conv.messages[-1]["content"].endswith(rest)
+    assert "".join(conv.send("And dogs?", max_new_tokens=4))  # usable once the first call ended
