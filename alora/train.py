@@ -129,13 +129,15 @@ def _collate(batch, pad_id: int):
 def train(data: str | Path | Sequence[Example], output_dir: str | Path, *, model: str | Path | None = None,
           val: str | Path | Sequence[Example] | None = None, val_fraction: float = 0.1, lora: bool = False,
           rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
-          target_modules: Sequence[str] = DEFAULT_TARGETS, epochs: int = 3, max_steps: int | None = None,
+          target_modules: Sequence[str] = DEFAULT_TARGETS, top_layers: int | None = None, epochs: int = 3,
+          max_steps: int | None = None,
           lr: float = 1e-3, batch_size: int = 8, warmup: float = 0.1, max_length: int = 512, seed: int = 0,
           save_dtype: str = "float32", threads: int | None = None, progress: bool = True) -> TrainResult:
     """Train an aLoRA (``lora=False``) or a LoRA on ``data`` and save a PEFT folder to ``output_dir``.
 
     ``model``: an HF folder (default: the embedded SmolLM2-135M-Instruct). ``val``: a held-out file or
-    examples; without it ``val_fraction`` of ``data`` is split off (0 = no validation). All examples must
+    examples; without it ``val_fraction`` of ``data`` is split off (0 = no validation). ``top_layers``: adapt only
+    the last N decoder layers (backward stops there: faster on CPU, smaller file). All examples must
     share one invocation string. Returns the metrics (also written to ``output_dir/alora_train.json``).
     """
     import torch
@@ -189,6 +191,9 @@ def train(data: str | Path | Sequence[Example], output_dir: str | Path, *, model
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     cfg = dict(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=dropout,
                target_modules=list(target_modules), task_type="CAUSAL_LM", bias="none")
+    if top_layers:
+        n_layers = base.config.num_hidden_layers
+        cfg["layers_to_transform"] = list(range(max(0, n_layers - top_layers), n_layers))
     if not lora:
         cfg["alora_invocation_tokens"] = list(inv_ids)
     peft_model = get_peft_model(base, LoraConfig(**cfg))
@@ -238,7 +243,8 @@ def train(data: str | Path | Sequence[Example], output_dir: str | Path, *, model
                          time.time() - t0, last.get("train_loss", float("nan")), last.get("val_loss"),
                          last.get("val_token_accuracy"), last.get("val_exact_match"), history)
     args = dict(model=str(model) if model else None, lora=lora, rank=rank, alpha=cfg["lora_alpha"],
-                dropout=dropout, target_modules=list(target_modules), epochs=epochs, max_steps=max_steps, lr=lr,
+                dropout=dropout, target_modules=list(target_modules), top_layers=top_layers, epochs=epochs,
+                max_steps=max_steps, lr=lr,
                 batch_size=batch_size, warmup=warmup, seed=seed, invocation=invocation)
     (out / TRAIN_LOG).write_text(json.dumps({"args": args, **{k: v for k, v in asdict(result).items()
                                                               if k != "output_dir"}}, indent=1) + "\n")
@@ -284,6 +290,7 @@ def save_adapter(peft_model, out: Path, save_dtype: str, model_dir: Path, lora_i
         path = out / WEIGHTS_FILE
         state = {k: v.to(dtype).contiguous() for k, v in load_file(path).items()}
         save_file(state, path, metadata={"format": "pt"})
+    (out / WEIGHTS_FILE).chmod(0o644)  # package data: readable by everyone
     cfg_path = out / CONFIG_FILE
     cfg = json.loads(cfg_path.read_text())
     try:  # the embedded default model: name its hub id, not this machine's cache path
@@ -321,6 +328,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                    help=f"comma-separated projections (default {','.join(DEFAULT_TARGETS)})")
+    p.add_argument("--top-layers", type=int, help="adapt only the last N layers (default all)")
     p.add_argument("--epochs", type=int, default=3, help="default 3")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
@@ -339,7 +347,8 @@ def _main(args: argparse.Namespace) -> int:
     try:
         r = train(args.data, args.output, model=args.model, val=args.val, val_fraction=args.val_fraction,
                   lora=args.lora, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
-                  target_modules=[t for t in args.targets.split(",") if t], epochs=args.epochs,
+                  target_modules=[t for t in args.targets.split(",") if t], top_layers=args.top_layers,
+                  epochs=args.epochs,
                   max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
                   seed=args.seed, save_dtype=args.save_dtype, threads=args.threads)
     except (DataError, FileNotFoundError) as e:
