@@ -46,4 +46,19 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
             raise ValueError(f"{folder}: tensor {_hf_sources(name, cfg.tie_word_embeddings)} has shape {tuple(tensor.shape)}, "
                              f"the config implies {tuple(param.shape)}")
         param.data = tensor.to(dtype)
-    return model.to(device)
+    model = model.to(device)
+    if torch.device(device).type == "cpu":
+        _store_projections_transposed(model)
+    return model
+
+
+def _store_projections_transposed(model: LlamaModel) -> None:
+    """Keep every projection's [out, in] weight as a view of [in, out] storage.
+
+    On CPU, one-token decode is a GEMV bound by memory bandwidth, and MKL streams a row-major [in, out]
+    matrix about 1.7x faster than the transposed access the usual layout needs (measured on this project's
+    2-core machine: 15.4 vs 8.8 GB/s); prefill GEMMs run at the same speed either way. The tied or untied
+    vocabulary projection is included: it is a fifth of the weights read per token.
+    """
+    for p in [m.weight for m in model.projections().values()] + [model.lm_head_weight]:
+        p.data = p.data.t().contiguous().t()
