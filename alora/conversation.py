@@ -84,6 +84,7 @@ class Conversation:
         return self._cache.length
 
     def cache_bytes(self) -> int:
+        """Bytes of base-model KV this conversation holds."""
         return self._cache.nbytes()
 
     def send(self, text: str, adapter: str | None = None, **sampling) -> Iterator[str]:
