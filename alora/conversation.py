@@ -57,7 +57,7 @@ class Conversation:
         self._cache = engine.new_cache()
         self._lock = threading.RLock()
         self._active: Job | None = None
-        self.stats: CallStats | None = None
+        self._stats: CallStats | None = None
         if system is not None:
             msg = {"role": "system", "content": system}
             self._turns.append(Turn(msg, self._template_delta(msg), True))
@@ -71,16 +71,25 @@ class Conversation:
     @property
     def messages(self) -> list[dict]:
         """The history as chat messages (copies); replies made by an adapter carry its name in 'adapter'."""
+        self._settle()
         return [copy.deepcopy(t.message) for t in self._turns]
 
     @property
     def history_ids(self) -> list[int]:
         """The history as the token ids the model sees."""
-        return [i for t in self._turns for i in t.ids]
+        self._settle()
+        return self._history_ids()
+
+    @property
+    def stats(self) -> CallStats | None:
+        """What the last call cost (see ``CallStats``)."""
+        self._settle()
+        return self._stats
 
     @property
     def cached_tokens(self) -> int:
         """Positions of the history whose base-model KV is cached."""
+        self._settle()
         return self._cache.length
 
     def cache_bytes(self) -> int:
@@ -148,7 +157,7 @@ class Conversation:
 
         engine = self.engine
         info = engine.adapter(adapter) if adapter is not None else None
-        history = self.history_ids
+        history = self._history_ids()
         if info is not None and info.invocation_tokens:
             suffix, templated = list(info.invocation_tokens), False
         else:
@@ -173,10 +182,14 @@ class Conversation:
         call = engine.start_call(cache, prompt[reuse:], slots[reuse:], slots[-1], params, stats)
         job = Job(self, call, adapter, keep, templated, suffix, added_user, rollback, threading.get_ident())
         self._active = job
-        self.stats = stats
+        self._stats = stats
         return job
 
     def _stream(self, job: Job) -> Iterator[str]:
+        if job.done:  # settled before anyone read it: hand over the whole output at once
+            if job.call.stop.text:
+                yield job.call.stop.text
+            return
         try:
             yield from self.engine.stream(job.call)
         except GeneratorExit:
@@ -201,7 +214,7 @@ class Conversation:
             if failed:
                 if job.added_user:
                     self._turns.pop()
-                self._cache.truncate(min(self._cache.length, len(self.history_ids)))
+                self._cache.truncate(min(self._cache.length, len(self._history_ids())))
                 return
             if job.keep:
                 self._turns.append(self._reply_turn(job))
@@ -211,15 +224,33 @@ class Conversation:
         """Prefill a short uncached tail of the history (the turn's end tokens, a kept invocation) in base
         weights now, so the next call starts from a fully cached history. Long tails (after a LoRA reply)
         wait for the next call."""
-        history = self.history_ids
+        history = self._history_ids()
         reuse = self._cache.common_prefix(history)
         if 0 < len(history) - reuse <= self.close_turn_limit:
             self._cache.truncate(reuse)
             self.engine._forward([(self._cache, history[reuse:], [-1] * (len(history) - reuse))])
 
+    def _history_ids(self) -> list[int]:
+        return [i for t in self._turns for i in t.ids]
+
+    def _settle(self) -> None:
+        """Run a call nobody has read from to its end, so ``conv.invoke(name, keep=True)`` used as a statement
+        (its stream never iterated) still appends its output before the conversation is used again."""
+        with self._lock:
+            job = self._active
+            if job is not None and not job.call.driven:
+                try:
+                    for _ in self.engine.stream(job.call):
+                        pass
+                except BaseException:
+                    self.finish(job, failed=True)
+                    raise
+                self.finish(job)
+
     def _close_active(self) -> None:
         """Before a new call: end an abandoned stream of this thread (keeping its partial output); a call
         still running in another thread makes this one fail fast instead of corrupting the history."""
+        self._settle()
         job = self._active
         if job is None:
             return

@@ -56,6 +56,7 @@ class Call:
     output: list[int] = field(default_factory=list)  # sampled tokens, stop token included
     pending: int | None = None  # sampled, not yet fed
     finished: bool = False
+    driven: bool = False  # some loop (a stream, a batch, a UI) has stepped it
     first_token_at: float | None = None
 
 
@@ -202,6 +203,7 @@ class Engine:
         active = [c for c in calls if not c.finished]
         feeds = []
         for c in active:
+            c.driven = True
             if c.prompt:
                 n = min(len(c.prompt), self.prefill_chunk)
                 feeds.append((c.cache, c.prompt[:n], c.prompt_slots[:n]))

@@ -152,3 +152,17 @@ def test_unknown_adapter_leaves_conversation_usable(setup):
         conv.send("hi", adapter="nope")
     assert conv.messages == before
     assert "".join(conv.send("Still there?", max_new_tokens=4))
+
+
+def test_invoke_keep_as_a_statement_still_appends(setup):
+    """The contract's `conv.invoke("summary", keep=True)` without reading the stream: the output still lands."""
+    engine, _, invs = setup
+    a, b = _chatted(engine, turns=1), _chatted(engine, turns=1)
+    a.invoke("title", keep=True, max_new_tokens=6)
+    streamed = "".join(b.invoke("title", keep=True, max_new_tokens=6))
+    assert a.messages[-1] == b.messages[-1] == {"role": "assistant", "content": streamed, "adapter": "title"}
+    assert a.history_ids == b.history_ids and a.stats.prefill_tokens == len(invs["title"])
+    late = a.invoke("judge", max_new_tokens=4)
+    "".join(a.send("Thanks.", max_new_tokens=4))  # settles the unread judge call first, then sends
+    assert a.messages[-2]["content"] == "Thanks." and a.messages[-3]["adapter"] == "title"
+    assert isinstance("".join(late), str)
