@@ -37,19 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def demo_adapter_folders() -> dict[str, Path]:
-    """The demo adapters (``alora.demo``), or none when that module is not there."""
-    try:
-        from alora.demo import demo_adapters
-    except ImportError:
-        return {}
-    try:
-        return {name: Path(folder) for name, folder in demo_adapters().items()}
-    except Exception as e:  # a broken demo must not keep the UI from starting
-        print(f"warning: demo adapters unavailable: {e}", file=sys.stderr)
-        return {}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -67,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     roots = list(args.adapters)
     wanted: list[tuple[str, Path]] = []
     if args.model is None and not args.no_demo:
-        demos = demo_adapter_folders()
+        demos = alora.demo_adapters()
         wanted += list(demos.items())
         roots += sorted({str(f.parent) for f in demos.values()})
     folders = AdapterFolders(roots)

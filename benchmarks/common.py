@@ -109,3 +109,21 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
     print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
     for r in cells:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+
+
+class FirstTokenStreamer:
+    """A transformers ``generate`` streamer that records when the first new token arrives (``at``).
+
+    ``put`` gets the prompt first, then every new token; ``end`` is called once at the end.
+    """
+
+    def __init__(self):
+        self.puts, self.at = 0, None
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.at = now()
+
+    def end(self) -> None:
+        pass

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (machine_info, now, print_table, progress, pyplot, result_path, save_figure, setup_torch,  # noqa: E402
-                    sync, versions, write_json)
+from common import (FirstTokenStreamer, machine_info, now, print_table, progress, pyplot,  # noqa: E402
+                    result_path, save_figure, setup_torch, sync, versions, write_json)
 
 METHODS = ("ours", "hf_loop", "hf_generate")
 TEXT = ("The committee met on Tuesday to review the budget for the coming year. After a long discussion about "
@@ -89,21 +89,7 @@ def run_hf_loop(model, ids: list[int], n: int, device: str) -> dict:
 
 
 def run_hf_generate(model, ids: list[int], n: int, device: str) -> dict:
-    from transformers.generation.streamers import BaseStreamer
-
-    class FirstToken(BaseStreamer):  # put() gets the prompt first, then every new token
-        def __init__(self):
-            self.puts, self.at = 0, None
-
-        def put(self, value):
-            self.puts += 1
-            if self.puts == 2:
-                self.at = now()
-
-        def end(self):
-            pass
-
-    streamer = FirstToken()
+    streamer = FirstTokenStreamer()
     x = torch.tensor([ids], device=device)
     sync(device)
     t0 = now()

@@ -41,8 +41,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (machine_info, now, print_table, progress, pyplot, result_path, save_figure, setup_torch,  # noqa: E402
-                    sync, versions, write_json)
+from common import (FirstTokenStreamer, machine_info, now, print_table, progress, pyplot,  # noqa: E402
+                    result_path, save_figure, setup_torch, sync, versions, write_json)
 
 TASKS = ("judge", "title", "certainty", "safety", "summary", "answerability", "citation", "rewrite")
 RANK, ALPHA, TARGETS = 32, 32, ["q_proj", "k_proj", "v_proj"]  # IBM's intrinsics: r=32 on q/k/v
@@ -139,19 +139,6 @@ def make_tasks(model_dir: Path, tokenizer, out: Path, count: int) -> list[Task]:
         (task.lora_dir / "alora_runtime.json").write_text(json.dumps({"invocation": invocation}))
         tasks.append(task)
     return tasks
-
-
-def demo_folders() -> dict[str, Path]:
-    """The project's demo adapters when that module exists (optional)."""
-    try:
-        from alora.demo import demo_adapters
-    except ImportError:
-        return {}
-    try:
-        return {name: Path(folder) for name, folder in demo_adapters().items()}
-    except Exception as e:  # a broken optional extra must not sink the benchmark
-        print(f"demo adapters unavailable: {e}", file=sys.stderr)
-        return {}
 
 
 # ---- histories -----------------------------------------------------------------------------------------
@@ -316,21 +303,7 @@ class Peer:
         return cache
 
     def generate(self, model, ids: list[int], n: int, cache=None) -> tuple[dict, list[int]]:
-        from transformers.generation.streamers import BaseStreamer
-
-        class FirstToken(BaseStreamer):  # put() gets the prompt first, then every new token
-            def __init__(self):
-                self.puts, self.at = 0, None
-
-            def put(self, value):
-                self.puts += 1
-                if self.puts == 2:
-                    self.at = now()
-
-            def end(self):
-                pass
-
-        streamer = FirstToken()
+        streamer = FirstTokenStreamer()
         x = torch.tensor([ids], device=self.device)
         sync(self.device)
         t0 = now()
@@ -613,7 +586,7 @@ def main() -> None:
             engine.load_adapter(t.alora, t.alora_dir)
             engine.load_adapter(t.lora, t.lora_dir)
         demo = {}
-        for name, folder in ({} if args.quick else demo_folders()).items():
+        for name, folder in ({} if args.quick else alora.demo_adapters()).items():
             try:
                 engine.load_adapter(f"demo:{name}", folder)
                 demo[name] = {"folder": str(folder), "kind": engine.adapter(f"demo:{name}").kind}
