@@ -59,8 +59,13 @@ class KVCache:
 
     def common_prefix(self, ids: list[int]) -> int:
         """Length of the longest prefix of ``ids`` already held by this cache."""
-        n = min(len(ids), self.length)
-        i = 0
-        while i < n and self.tokens[i] == ids[i]:
-            i += 1
-        return i
+        return common_prefix(self.tokens, ids)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

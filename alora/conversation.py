@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator, Iterator
 
+from alora.cache import common_prefix
 from alora.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -290,21 +291,13 @@ class Conversation:
         plain = self._plain()
         before = self._render(plain)
         after = self._render(plain + [{"role": message["role"], "content": message["content"]}])
-        return after[_common_prefix(before, after):]
+        return after[common_prefix(before, after):]
 
     def _generation_prompt(self) -> list[int]:
         plain = self._plain()
         before = self._render(plain)
         after = self._render(plain, generation_prompt=True)
-        return after[_common_prefix(before, after):]
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+        return after[common_prefix(before, after):]
 
 
 async def _in_thread(gen: Iterator[str]) -> AsyncIterator[str]:

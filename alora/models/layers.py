@@ -126,13 +126,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: SeqSpan, lay
         # Explicit repeat: SDPA's enable_gqa falls back to a slower, less accurate path on CPU.
         keys = keys.repeat_interleave(heads // kv_heads, dim=0)
         values = values.repeat_interleave(heads // kv_heads, dim=0)
-    rows = torch.arange(past, total, device=q.device).unsqueeze(1)
-    cols = torch.arange(total, device=q.device).unsqueeze(0)
-    mask = None
-    if window is not None and total > window:
-        mask = (cols <= rows) & (cols > rows - window)
-    elif past > 0:
+    mask = None  # a fresh prompt within the window is plain causal attention
+    if past > 0 or (window is not None and total > window):
+        rows = torch.arange(past, total, device=q.device).unsqueeze(1)
+        cols = torch.arange(total, device=q.device).unsqueeze(0)
         mask = cols <= rows
+        if window is not None and total > window:
+            mask &= cols > rows - window
     # 4-D inputs: 3-D ones take a different, less accurate CPU kernel
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
                                          is_causal=mask is None, scale=scale)
