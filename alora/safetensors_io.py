@@ -7,10 +7,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from alora.errors import AloraError
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(AloraError, ValueError):
     """A checkpoint file is missing, corrupt, a pickle, or lacks a tensor."""
 
 

@@ -25,13 +25,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from alora.errors import AloraError
+
 ROLES = ("system", "user", "assistant")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 TRAIN_LOG = "alora_train.json"  # written next to the adapter: arguments and metrics
 DEFAULT_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-class DataError(ValueError):
+class DataError(AloraError, ValueError):
     """A malformed training file; the message names the file and line."""
 
 

@@ -1,8 +1,11 @@
 """The chat UI in a real browser: ``python -m app`` on a free localhost port, driven in headless Chromium
-(Debian's /usr/bin/chromium) through Playwright. Saves screenshots under tests/artifacts/."""
+(Debian's /usr/bin/chromium) through Playwright. Saves screenshots under tests/artifacts/.
+
+Without Chromium the test is skipped, except under ``CI=true`` (``.ci/run`` sets it), where that is a failure."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,8 +17,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 TIMEOUT_MS = 120_000  # one step on 2 busy CPU cores can be slow
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
-                                reason="Debian's Chromium is not at /usr/bin/chromium (apt-get install chromium)")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 # every distinct text the last bot message shows, to see the reply arrive token by token
 WATCH_STREAM = """() => {
@@ -35,6 +37,16 @@ CALL_DONE = """([before, compare]) => {
   return !!el && el.dataset.call !== before && el.dataset.state === 'done'
       && el.querySelector('[data-row="call"]') !== null && (!compare || el.querySelector('[data-compare]') !== null);
 }"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def chromium():
+    """Runs before the other fixtures: no server is started for a test that cannot run."""
+    if not CHROMIUM.exists():
+        missing = f"Debian's Chromium is not at {CHROMIUM} (apt-get install chromium)"
+        if IN_CI:
+            pytest.fail(f"CI={os.environ['CI']}: {missing}; .ci/run installs it", pytrace=False)
+        pytest.skip(missing)
 
 
 @pytest.fixture(scope="module")

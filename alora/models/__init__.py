@@ -1,64 +1,9 @@
-"""Model loading: an HF folder (config.json + *.safetensors) into our Llama-family implementation."""
-
-from __future__ import annotations
-
-from pathlib import Path
-
-import torch
+"""The Llama-family model (llama, mistral, granite, qwen2, qwen3): ``config`` (what a forward needs from an HF
+config.json), ``layers`` and ``llama`` (the torch implementation), ``loader`` (HF folder -> model)."""
 
 from alora.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError
 from alora.models.llama import LlamaModel
-from alora.safetensors_io import SafetensorsIndex
-
-# Our fused projections and the HF projections they hold, in order.
-FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-# HF projection name -> (our module name, index of the part inside it)
-PROJECTION_OF = {part: (fused, i) for fused, parts in FUSED_PARTS.items() for i, part in enumerate(parts)}
-PROJECTION_OF.update({"o_proj": ("o_proj", 0), "down_proj": ("down_proj", 0)})
+from alora.models.loader import FUSED_PARTS, PROJECTION_OF, load_model
 
 __all__ = ["load_model", "LlamaModel", "ModelConfig", "UnsupportedModelError", "SUPPORTED_ARCHITECTURES",
            "FUSED_PARTS", "PROJECTION_OF"]
-
-
-def _hf_sources(name: str, tied: bool) -> list[str]:
-    """HF checkpoint tensor names that make up one of our parameters."""
-    if name == "lm_head_weight":
-        return ["model.embed_tokens.weight" if tied else "lm_head.weight"]
-    prefix, _, leaf = name.rpartition(".")  # e.g. layers.0.self_attn.qkv_proj / weight
-    module_path, _, module = prefix.rpartition(".")
-    if module in FUSED_PARTS:
-        return [f"model.{module_path}.{part}.{leaf}" for part in FUSED_PARTS[module]]
-    return [f"model.{name}"]
-
-
-def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LlamaModel:
-    """Build our model from an HF folder; errors name the file or tensor that is wrong."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"model folder not found: {folder}")
-    cfg = ModelConfig.from_folder(folder)
-    index = SafetensorsIndex.of_model_folder(folder)
-    model = LlamaModel(cfg)
-    for name, param in model.named_parameters(remove_duplicate=True):
-        parts = [index.get(src) for src in _hf_sources(name, cfg.tie_word_embeddings)]
-        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise ValueError(f"{folder}: tensor {_hf_sources(name, cfg.tie_word_embeddings)} has shape {tuple(tensor.shape)}, "
-                             f"the config implies {tuple(param.shape)}")
-        param.data = tensor.to(dtype)
-    model = model.to(device)
-    if torch.device(device).type == "cpu":
-        _store_projections_transposed(model)
-    return model
-
-
-def _store_projections_transposed(model: LlamaModel) -> None:
-    """Keep every projection's [out, in] weight as a view of [in, out] storage.
-
-    On CPU, one-token decode is a GEMV bound by memory bandwidth, and MKL streams a row-major [in, out]
-    matrix about 1.7x faster than the transposed access the usual layout needs (measured on this project's
-    2-core machine: 15.4 vs 8.8 GB/s); prefill GEMMs run at the same speed either way. The tied or untied
-    vocabulary projection is included: it is a fifth of the weights read per token.
-    """
-    for p in [m.weight for m in model.projections().values()] + [model.lm_head_weight]:
-        p.data = p.data.t().contiguous().t()

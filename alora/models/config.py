@@ -9,10 +9,12 @@ from pathlib import Path
 
 import torch
 
+from alora.errors import AloraError
+
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "granite", "qwen2", "qwen3")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(AloraError, ValueError):
     """The folder holds a model this runtime does not implement."""
 
 
