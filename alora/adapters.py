@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from alora.errors import AloraError, UnknownAdapterError
 from alora.models import PROJECTION_OF
 from alora.models.llama import LlamaModel
 from alora.models.layers import LoraStack
@@ -33,7 +35,10 @@ RUNTIME_FILE = "alora_runtime.json"  # optional: {"invocation": "..."} for a LoR
 _KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 
 
-class AdapterError(ValueError):
+_uids = itertools.count(1)
+
+
+class AdapterError(AloraError, ValueError):
     """An adapter folder cannot be loaded; the message names the file and, where it applies, the tensor."""
 
 
@@ -49,6 +54,7 @@ class AdapterInfo:
     path: Path
     format: str  # "peft" or "ibm"
     targets: tuple[str, ...]  # HF projection names it adapts, e.g. ("q_proj", "v_proj")
+    uid: int = 0  # unique per load: a name loaded again with other weights gets a new uid (prefix-cache key)
 
     @property
     def activation_offset(self) -> int:
@@ -60,7 +66,9 @@ class AdapterInfo:
 
 
 @dataclass
-class _Loaded:
+class ParsedAdapter:
+    """An adapter folder read and checked against the model, not yet in a slot."""
+
     info: AdapterInfo
     # our module name (e.g. "layers.3.self_attn.qkv_proj") -> {part index: (A [r, in], B*scale [out_part, r])}
     weights: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]
@@ -72,7 +80,7 @@ class AdapterRegistry:
     def __init__(self, model: LlamaModel, tokenizer):
         self.model = model
         self.tokenizer = tokenizer
-        self._slots: list[_Loaded | None] = []  # a freed slot stays None, so live adapters keep their slot
+        self._slots: list[ParsedAdapter | None] = []  # a freed slot stays None, so live adapters keep their slot
         self._modules = model.projections()
 
     @property
@@ -85,19 +93,20 @@ class AdapterRegistry:
     def slot(self, name: str) -> int:
         return self._entry(name)[0]
 
-    def _entry(self, name: str) -> tuple[int, _Loaded]:
+    def _entry(self, name: str) -> tuple[int, ParsedAdapter]:
         for i, e in enumerate(self._slots):
             if e is not None and e.info.name == name:
                 return i, e
         loaded = ", ".join(self.infos) or "none"
-        raise KeyError(f"no adapter named {name!r} is loaded (loaded: {loaded})")
+        raise UnknownAdapterError(f"no adapter named {name!r} is loaded (loaded: {loaded})")
 
     def load(self, name: str, path: Path) -> AdapterInfo:
         if not name or not isinstance(name, str):
             raise ValueError("an adapter needs a non-empty name")
         if name in self.infos:
             raise ValueError(f"an adapter named {name!r} is already loaded; unload it first")
-        entry = self._read(name, Path(path))
+        entry = self.read(name, Path(path))
+        entry.info = replace(entry.info, uid=next(_uids))
         free = next((i for i, e in enumerate(self._slots) if e is None), len(self._slots))
         slots = list(self._slots)
         if free == len(slots):
@@ -132,7 +141,9 @@ class AdapterRegistry:
 
     # ---- reading a folder ---------------------------------------------------------------------------
 
-    def _read(self, name: str, folder: Path) -> _Loaded:
+    def read(self, name: str, folder: Path) -> ParsedAdapter:
+        """Read and validate the adapter folder ``folder`` for this model without loading it: its info and
+        per-projection weights, with the config's rank/alpha patterns and scaling applied."""
         if not folder.is_dir():
             raise AdapterError(f"adapter folder not found: {folder}")
         cfg_path = folder / CONFIG_FILE
@@ -155,7 +166,7 @@ class AdapterRegistry:
         weights, ranks = self._read_weights(cfg, index, weights_path)
         info = AdapterInfo(name, kind, max(ranks.values()), invocation, text, folder, fmt,
                            tuple(sorted({proj for proj, _ in ranks})))
-        return _Loaded(info, weights)
+        return ParsedAdapter(info, weights)
 
     def _check_config(self, cfg: dict, path: Path) -> None:
         peft_type = str(cfg.get("peft_type", "LORA")).upper()
@@ -246,7 +257,7 @@ class AdapterRegistry:
 
     # ---- stacking -----------------------------------------------------------------------------------
 
-    def _stack(self, slots: list[_Loaded | None]) -> dict[str, LoraStack | None]:
+    def _stack(self, slots: list[ParsedAdapter | None]) -> dict[str, LoraStack | None]:
         """Per-projection stacks over ``slots``: parts of a fused projection get a block-diagonal B."""
         stacks: dict[str, LoraStack | None] = {}
         for mod_name, module in self._modules.items():

@@ -9,11 +9,13 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from alora.cache import KVCache
+if TYPE_CHECKING:
+    from alora.engine.kv_pool import KVCache
+
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,7 @@ class SeqSpan:
 
     start: int
     length: int
-    cache: KVCache
+    cache: "KVCache"
     past: int  # tokens already in the cache before this forward
 
 
@@ -32,6 +34,7 @@ class ForwardContext:
     positions: torch.Tensor  # [T] int64, absolute position of each token
     spans: tuple[SeqSpan, ...]
     slots: torch.Tensor | None  # [T] int32 adapter slot per token (-1 = base); None = no token adapted
+    slot_runs: dict[int, list[tuple[int, int]]] | None = None  # slot -> its runs of rows, found once per forward
 
 
 _local = threading.local()

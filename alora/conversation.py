@@ -1,73 +1,88 @@
-"""A conversation: chat history as messages and tokens, its base-model KV cache, send and invoke.
+"""A conversation: chat history as messages and tokens; send and invoke run as calls of the engine.
 
-Invariant: the conversation's cache holds base-model KV of a prefix of the history tokens, nothing else.
-Every call first reuses the longest cached prefix, feeds the rest, and at its end rolls back every position
-an adapter touched, so the history's base KV survives any number of adapter calls.
+The conversation holds no KV of its own. Its history's base-model KV lives in the engine's pool as an
+ordinary prefix-cache entry: every call looks up the longest cached prefix of its prompt, and at its end the
+scheduler stores the call's base positions (an aLoRA's positions are never stored as base), so the next call
+on the same history, with any adapter, starts from there. An idle conversation pins nothing: if its entry was
+evicted, the next call recomputes it (``stats.recomputed_tokens``).
+
+``history_ids`` always equals the chat template's rendering of the messages (a whole re-render each call, so
+templates that rewrite earlier turns never leave stale tokens), with the turns an adapter's output was kept in
+spliced in verbatim (its invocation and output tokens).
 """
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, AsyncIterator, Iterator
+from typing import TYPE_CHECKING, AsyncIterator, Iterator, Sequence
 
-from alora.cache import common_prefix
-from alora.sampling import SamplingParams
+from alora.engine.kv_pool import common_prefix
+from alora.engine.request import Call, CallStats
+from alora.engine.sampling import SamplingParams
+from alora.errors import ContextOverflowError, ConversationBusyError, EngineClosedError
 
 if TYPE_CHECKING:
-    from alora.engine import Call, CallStats, Engine
+    from alora.engine import Engine
 
-
-class ConversationBusyError(RuntimeError):
-    """A conversation serves one call at a time."""
+STATE_VERSION = 1
 
 
 @dataclass
 class Turn:
     message: dict
-    ids: list[int]  # this message's tokens in the history
-    templated: bool  # rendered by the chat template (False: an adapter's invocation and output, kept verbatim)
+    ids: list[int] | None = None  # verbatim tokens (a kept adapter output); None: rendered by the template
 
 
-@dataclass
-class Job:
-    """A prepared call on a conversation; run it with ``Engine.run_batch`` or stream it with ``Conversation``."""
+@dataclass(eq=False)
+class _Pending:
+    """The call in flight on a conversation and what committing it to the history needs."""
 
-    conversation: "Conversation"
-    call: "Call"
+    call: Call
     adapter: str | None
     keep: bool
-    suffix_is_template: bool  # the prompt ended with the chat template's generation prompt
-    suffix: list[int]
+    verbatim_suffix: list[int] | None  # the invocation tokens the prompt ended with (None: generation prompt)
     added_user: bool
-    rollback_to: int | None  # cache length to return to at the end (adapter positions), None: keep all
-    thread: int = 0  # the thread that started it
+    thread: int
+    reading: bool = False  # a stream is consuming it
+    seen_tokens: int = 0
+    seen_text: str = ""
     done: bool = False
 
 
 class Conversation:
-    """Chat with a base-model KV cache that adapters reuse. Create with ``Engine.conversation()``."""
+    """Chat whose history's base KV every adapter call reuses. Create with ``Engine.conversation()``.
 
-    close_turn_limit = 64  # uncached history tokens prefilled eagerly at the end of a call
+    ``overflow`` is the policy when a call would not fit the context: ``"error"`` (default) raises
+    ``ContextOverflowError`` and leaves the conversation as it was; ``"drop_oldest"`` drops whole exchanges
+    after the system prompt, oldest first, until it fits (``stats.dropped_turns`` says how many; the rest of the
+    history is recomputed where the prefix changed).
+    """
 
-    def __init__(self, engine: "Engine", system: str | None = None, messages: list[dict] | None = None):
+    close_turn_limit = 64  # uncached history tokens computed eagerly when a turn ends
+
+    def __init__(self, engine: "Engine", system: str | None = None, messages: list[dict] | None = None,
+                 cache_salt: str | None = None, overflow: str = "error"):
+        if overflow not in ("error", "drop_oldest"):
+            raise ValueError(f"overflow must be 'error' or 'drop_oldest', got {overflow!r}")
         self.engine = engine
+        self.cache_salt = cache_salt
+        self.overflow = overflow
         self._turns: list[Turn] = []
-        self._cache = engine.new_cache()
         self._lock = threading.RLock()
-        self._active: Job | None = None
+        self._pending: _Pending | None = None
         self._stats: CallStats | None = None
+        self._computed: list[int] = []  # the tokens this conversation last had computed in base weights
+        self._closing: Call | None = None  # the base prefill of a turn's closing tokens, started at its end
         if system is not None:
-            msg = {"role": "system", "content": system}
-            self._turns.append(Turn(msg, self._template_delta(msg), True))
+            self._turns.append(Turn({"role": "system", "content": system}))
         for msg in messages or []:
             if msg.get("role") not in ("system", "user", "assistant") or not isinstance(msg.get("content"), str):
                 raise ValueError(f"a message needs a role (system, user, assistant) and str content, got {msg!r}")
-            self._turns.append(Turn(dict(msg), self._template_delta(msg), True))
+            self._turns.append(Turn(dict(msg)))
 
-    # ---- public API -----------------------------------------------------------------------------------
+    # ---- state ----------------------------------------------------------------------------------------
 
     @property
     def messages(self) -> list[dict]:
@@ -89,195 +104,294 @@ class Conversation:
 
     @property
     def cached_tokens(self) -> int:
-        """Positions of the history whose base-model KV is cached."""
-        self._settle()
-        return self._cache.length
+        """Leading positions of the history whose base-model KV is in the engine's cache now."""
+        history = self.history_ids
+        self._wait_closing()
+        return self.engine.cached_prefix(history, self.cache_salt)
 
     def cache_bytes(self) -> int:
-        """Bytes of base-model KV this conversation holds."""
-        return self._cache.nbytes()
+        """Bytes of base-model KV the engine holds for this conversation's history now."""
+        return self.cached_tokens * self.engine.pool.bytes_per_token
 
-    def send(self, text: str, adapter: str | None = None, **sampling) -> Iterator[str]:
-        """Add a user message and stream the reply's text deltas; the reply joins the history.
+    def to_dict(self) -> dict:
+        """A JSON-serializable, token-exact snapshot (kept adapter turns included); see
+        ``Engine.conversation_from``."""
+        self._settle()
+        return {"version": STATE_VERSION, "cache_salt": self.cache_salt, "overflow": self.overflow,
+                "turns": [{"message": copy.deepcopy(t.message), **({"ids": list(t.ids)} if t.ids is not None else {})}
+                          for t in self._turns]}
 
-        With ``adapter`` an aLoRA is invoked after the message (base history reused), a LoRA recomputes the
-        history under its weights. Sampling keywords: max_new_tokens, temperature, top_k, top_p, stop, seed.
-        """
-        return self._stream(self.start_send(text, adapter, **sampling))
-
-    def invoke(self, adapter: str, keep: bool = False, **sampling) -> Iterator[str]:
-        """Run ``adapter`` on the conversation now and stream its output.
-
-        An aLoRA appends its invocation after the cached history and prefills only that; a LoRA recomputes
-        the whole history under its weights. The history is unchanged unless ``keep=True``, which appends
-        the output (after the invocation) to it.
-        """
-        return self._stream(self.start_invoke(adapter, keep, **sampling))
-
-    async def asend(self, text: str, adapter: str | None = None, **sampling) -> AsyncIterator[str]:
-        """``send`` for asyncio servers: the forward passes run in a worker thread."""
-        async for delta in _in_thread(self.send(text, adapter, **sampling)):
-            yield delta
-
-    async def ainvoke(self, adapter: str, keep: bool = False, **sampling) -> AsyncIterator[str]:
-        async for delta in _in_thread(self.invoke(adapter, keep, **sampling)):
-            yield delta
+    @classmethod
+    def from_dict(cls, engine: "Engine", state: dict) -> "Conversation":
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"not a saved conversation of version {STATE_VERSION}: {str(state)[:80]!r}")
+        conv = cls(engine, cache_salt=state.get("cache_salt"), overflow=state.get("overflow", "error"))
+        vocab = engine.config.vocab_size
+        for t in state["turns"]:
+            msg, ids = t.get("message"), t.get("ids")
+            if not isinstance(msg, dict) or not isinstance(msg.get("content"), str) or \
+                    msg.get("role") not in ("system", "user", "assistant"):
+                raise ValueError(f"a saved turn needs a message with a role and str content, got {t!r}")
+            if ids is not None and not all(isinstance(i, int) and 0 <= i < vocab for i in ids):
+                raise ValueError(f"a saved turn's ids must be token ids of this model (vocab {vocab})")
+            conv._turns.append(Turn(dict(msg), list(ids) if ids is not None else None))
+        return conv
 
     def clear(self) -> None:
         """Forget every message but the system prompt."""
         with self._lock:
-            self._close_active()
+            self._close_pending()
             self._turns = [t for t in self._turns[:1] if t.message["role"] == "system"]
-            self._cache.truncate(0)
 
-    # ---- jobs -----------------------------------------------------------------------------------------
+    # ---- calls ----------------------------------------------------------------------------------------
 
-    def start_send(self, text: str, adapter: str | None = None, **sampling) -> Job:
-        """Prepare ``send`` without running it (see ``Engine.run_batch``)."""
+    def send(self, text: str, adapter: str | None = None, *, max_new_tokens: int = 256, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] | str = (), seed: int | None = None
+             ) -> Iterator[str]:
+        """Add a user message and stream the reply's text deltas; the reply joins the history.
+
+        With ``adapter`` an aLoRA is invoked after the message (base history reused), a LoRA runs on the
+        history under its weights. The call starts at once and runs whether or not the stream is read;
+        closing the stream early keeps the part read so far.
+        """
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, stop, seed)
+        return self._stream(self._start_send(text, adapter, params))
+
+    def invoke(self, adapter: str, keep: bool = False, *, max_new_tokens: int = 256, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] | str = (), seed: int | None = None
+               ) -> Iterator[str]:
+        """Run ``adapter`` on the conversation now and stream its output.
+
+        An aLoRA appends its invocation after the cached history and prefills only that; a LoRA computes
+        the whole history under its weights (cached per adapter). The history is unchanged unless
+        ``keep=True``, which appends the output (after the invocation) to it.
+        """
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, stop, seed)
+        return self._stream(self._start_invoke(adapter, keep, params))
+
+    def invoke_many(self, adapters: Sequence[str], *, max_new_tokens: int = 256, temperature: float = 0.0,
+                    top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] | str = (), seed: int | None = None
+                    ) -> list[str]:
+        """Fan-out: run several adapters on the history at once, batched in the same steps over the one
+        cached base prefix; returns their outputs. The history is unchanged."""
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, stop, seed)
+        with self._lock:
+            self._close_pending()
+            self._wait_closing()
+            history = self._history_ids()
+            if history and self.engine.cached_prefix(history, self.cache_salt) < len(history):
+                warm = self.engine.submit(history, None, SamplingParams(max_new_tokens=0), self.cache_salt,
+                                          expected_cached=common_prefix(self._computed, history))
+                warm.wait()
+                self._computed = history
+            calls = [self.engine.submit(self._invoke_prompt(name, history)[0], name, params, self.cache_salt,
+                                        expected_cached=common_prefix(self._computed, history))
+                     for name in adapters]
+            texts = self.engine.run_batch(calls)
+            if calls:
+                self._stats = calls[-1].stats
+            return texts
+
+    def start_send(self, text: str, adapter: str | None = None, **sampling) -> Call:
+        """Start ``send`` and return its call (its output joins the history when it ends); for
+        ``Engine.run_batch`` or event-level access."""
+        return self._start_send(text, adapter, SamplingParams(**sampling)).call
+
+    def start_invoke(self, adapter: str, keep: bool = False, **sampling) -> Call:
+        """Start ``invoke`` and return its call (see ``start_send``)."""
+        return self._start_invoke(adapter, keep, SamplingParams(**sampling)).call
+
+    async def asend(self, text: str, adapter: str | None = None, **sampling) -> AsyncIterator[str]:
+        """``send`` for asyncio: text deltas without blocking the event loop."""
+        async for delta in self._astream(self._start_send(text, adapter, SamplingParams(**sampling))):
+            yield delta
+
+    async def ainvoke(self, adapter: str, keep: bool = False, **sampling) -> AsyncIterator[str]:
+        """``invoke`` for asyncio."""
+        async for delta in self._astream(self._start_invoke(adapter, keep, SamplingParams(**sampling))):
+            yield delta
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+
+    def _start_send(self, text: str, adapter: str | None, params: SamplingParams) -> _Pending:
         if not isinstance(text, str):
             raise TypeError(f"message must be str, got {type(text).__name__}")
-        msg = {"role": "user", "content": text}
         with self._lock:
-            self._close_active()
-            turn = Turn(msg, self._template_delta(msg), True)
-            self._turns.append(turn)
+            self._close_pending()
+            before = self._history_ids()
+            self._turns.append(Turn({"role": "user", "content": text}))
             try:
-                return self._start(adapter, keep=True, params=SamplingParams(**sampling), added_user=True)
+                return self._submit(adapter, keep=True, params=params, added_user=True, before=before)
             except BaseException:
                 self._turns.pop()
                 raise
 
-    def start_invoke(self, adapter: str, keep: bool = False, **sampling) -> Job:
-        """Prepare ``invoke`` without running it (see ``Engine.run_batch``)."""
+    def _start_invoke(self, adapter: str, keep: bool, params: SamplingParams) -> _Pending:
         with self._lock:
-            self._close_active()
-            return self._start(adapter, keep=keep, params=SamplingParams(**sampling), added_user=False)
+            self._close_pending()
+            return self._submit(adapter, keep=keep, params=params, added_user=False, before=self._history_ids())
 
-    def _start(self, adapter: str | None, keep: bool, params: SamplingParams, added_user: bool) -> Job:
-        from alora.engine import CallStats
-
-        engine = self.engine
-        info = engine.adapter(adapter) if adapter is not None else None
-        history = self._history_ids()
+    def _invoke_prompt(self, adapter: str | None, history: list[int]) -> tuple[list[int], list[int] | None]:
+        """(prompt, verbatim suffix): the invocation after the history for an adapter that has one, else the
+        template's generation prompt."""
+        info = self.engine.adapter(adapter) if adapter is not None else None
         if info is not None and info.invocation_tokens:
-            suffix, templated = list(info.invocation_tokens), False
-        else:
-            suffix, templated = self._generation_prompt(), True
-        prompt = history + suffix
-        slots = engine._registry.slots_for(adapter, prompt) if adapter else [-1] * len(prompt)
-        first_adapted = next((i for i, s in enumerate(slots) if s >= 0), len(prompt))
-        engine.check_fits(len(prompt) + 1)
-        stats = CallStats(adapter=adapter)
-        if first_adapted == 0:
-            # Adapted from the first token (a LoRA): nothing cached is valid; recompute into a scratch cache.
-            cache, reuse, rollback = engine.new_cache(len(prompt) + params.max_new_tokens), 0, None
-        else:
-            cache = self._cache
-            reuse = min(cache.common_prefix(prompt), first_adapted, len(prompt) - 1)
-            cache.truncate(reuse)
-            rollback = first_adapted if first_adapted < len(prompt) else None
-        stats.reused_tokens = reuse
-        stats.prefill_tokens = len(prompt) - reuse
-        already = len(history) - (len(self._turns[-1].ids) if added_user else 0)
-        stats.recomputed_tokens = max(0, already - reuse)
-        call = engine.start_call(cache, prompt[reuse:], slots[reuse:], slots[-1], params, stats)
-        job = Job(self, call, adapter, keep, templated, suffix, added_user, rollback, threading.get_ident())
-        self._active = job
-        self._stats = stats
-        return job
+            return history + list(info.invocation_tokens), list(info.invocation_tokens)
+        return self._history_ids(generation_prompt=True), None
 
-    def _stream(self, job: Job) -> Iterator[str]:
-        if job.done:  # settled before anyone read it: hand over the whole output at once
-            if job.call.stop.text:
-                yield job.call.stop.text
-            return
+    def _submit(self, adapter: str | None, keep: bool, params: SamplingParams, added_user: bool,
+                before: list[int]) -> _Pending:
+        self._wait_closing()
+        saved, dropped = list(self._turns), 0
+        while True:
+            prompt, suffix = self._invoke_prompt(adapter, self._history_ids())
+            try:
+                call = self.engine.submit(prompt, adapter, params, self.cache_salt,
+                                          expected_cached=common_prefix(self._computed, before))
+                break
+            except ContextOverflowError:
+                if self.overflow != "drop_oldest" or not self._drop_oldest_turn(keep_last=added_user):
+                    self._turns = saved
+                    raise
+                dropped += 1
+        call.stats.dropped_turns = dropped
+        self._pending = _Pending(call, adapter, keep, suffix, added_user, threading.get_ident())
+        self._stats = call.stats
+        return self._pending
+
+    def _drop_oldest_turn(self, keep_last: bool) -> bool:
+        """Drop the oldest exchange after the system prompt (a user message and the replies up to the next
+        one); never the message being sent. False when nothing is left to drop."""
+        first = next((i for i, t in enumerate(self._turns) if t.message["role"] != "system"), None)
+        last = len(self._turns) - (1 if keep_last else 0)
+        if first is None or first >= last:
+            return False
+        end = first + 1
+        while end < last and self._turns[end].message["role"] != "user":
+            end += 1
+        del self._turns[first:end]
+        return True
+
+    def _stream(self, p: _Pending) -> Iterator[str]:
+        p.reading = True
         try:
-            yield from self.engine.stream(job.call)
-        except GeneratorExit:
-            self.finish(job)  # the caller stopped reading: keep what was generated
+            for ev in p.call:
+                p.seen_tokens += len(ev.token_ids)
+                p.seen_text += ev.text
+                if ev.text:
+                    yield ev.text
+        except GeneratorExit:  # the reader stopped: keep what it was shown
+            p.call.cancel()
+            p.call.wait()
+            self._commit(p, partial=True)
             raise
         except BaseException:
-            self.finish(job, failed=True)
+            self._commit(p)
             raise
-        else:
-            self.finish(job)
+        self._commit(p)
 
-    def finish(self, job: Job, failed: bool = False) -> None:
-        """End a job: commit its output to the history (or drop it on failure) and roll adapter KV back."""
+    async def _astream(self, p: _Pending) -> AsyncIterator[str]:
+        p.reading = True
+        try:
+            async for ev in p.call.aiter():
+                p.seen_tokens += len(ev.token_ids)
+                p.seen_text += ev.text
+                if ev.text:
+                    yield ev.text
+        except BaseException as e:
+            if not p.call.finished:  # cancelled or closed by the caller
+                p.call.cancel()
+                await _wait_async(p.call)
+                self._commit(p, partial=True)
+            else:
+                self._commit(p)
+            if not isinstance(e, GeneratorExit):
+                raise
+            return
+        self._commit(p)
+
+    def _commit(self, p: _Pending, partial: bool = False) -> None:
+        """Apply an ended call to the history: its reply joins (kept calls), or its user message is taken back
+        (failed calls). ``partial``: only what the reader was shown is kept."""
         with self._lock:
-            if job.done:
+            if p.done:
                 return
-            job.done = True
-            if self._active is job:
-                self._active = None
-            if job.rollback_to is not None:
-                self._cache.truncate(job.rollback_to)
-            if failed:
-                if job.added_user:
+            p.done = True
+            if self._pending is p:
+                self._pending = None
+            call = p.call
+            if call.error is not None:
+                if p.added_user:
                     self._turns.pop()
-                self._cache.truncate(min(self._cache.length, len(self._history_ids())))
                 return
-            if job.keep:
-                self._turns.append(self._reply_turn(job))
-            self._close_turn()
+            output = call.output[:p.seen_tokens] if partial else call.output
+            text = p.seen_text if partial else call.text
+            if call.namespace[1] is not None:
+                pass  # a LoRA's KV: the base history is as it was
+            elif call.storable >= len(call.prompt):
+                self._computed = (call.prompt + output)[:len(call.prompt) + max(0, len(output) - 1)]
+            elif call.storable > 0:
+                self._computed = call.prompt[:call.storable]
+            if p.keep:
+                msg = {"role": "assistant", "content": text}
+                if p.adapter is not None:
+                    msg["adapter"] = p.adapter
+                if p.verbatim_suffix is None:
+                    self._turns.append(Turn(msg))
+                else:
+                    ids = p.verbatim_suffix + list(output)
+                    eos = self.engine.tokenizer.eos_token_id
+                    if eos is not None and (not output or output[-1] not in self.engine.eos_token_ids):
+                        ids.append(eos)  # close the turn so later messages start cleanly
+                    self._turns.append(Turn(msg, ids))
+                self._close_turn()
 
     def _close_turn(self) -> None:
-        """Prefill a short uncached tail of the history (the turn's end tokens, a kept invocation) in base
-        weights now, so the next call starts from a fully cached history. Long tails (after a LoRA reply)
-        wait for the next call."""
+        """Start computing the base KV of the few history tokens that close a kept turn (end of turn, a kept
+        invocation) right away, while the user reads the reply, so the next call starts from a fully cached
+        history and an aLoRA invoked next prefills its invocation only. Long tails (after a LoRA reply) are
+        left to the next call."""
         history = self._history_ids()
-        reuse = self._cache.common_prefix(history)
-        if 0 < len(history) - reuse <= self.close_turn_limit:
-            self._cache.truncate(reuse)
-            self.engine._forward([(self._cache, history[reuse:], [-1] * (len(history) - reuse))])
+        tail = len(history) - self.engine.cached_prefix(history, self.cache_salt)
+        if 0 < tail <= self.close_turn_limit:
+            try:
+                self._closing = self.engine.submit(history, None, SamplingParams(max_new_tokens=0), self.cache_salt,
+                                                   expected_cached=common_prefix(self._computed, history))
+            except EngineClosedError:  # the interpreter is exiting
+                return
+            self._computed = history
 
-    def _history_ids(self) -> list[int]:
-        return [i for t in self._turns for i in t.ids]
+    def _wait_closing(self) -> None:
+        closing, self._closing = self._closing, None
+        if closing is not None:
+            closing.wait()
 
     def _settle(self) -> None:
-        """Run a call nobody has read from to its end, so ``conv.invoke(name, keep=True)`` used as a statement
-        (its stream never iterated) still appends its output before the conversation is used again."""
+        """Wait for the call in flight and apply it, so the history is complete before it is read."""
         with self._lock:
-            job = self._active
-            if job is not None and not job.call.driven:
-                try:
-                    for _ in self.engine.stream(job.call):
-                        pass
-                except BaseException:
-                    self.finish(job, failed=True)
-                    raise
-                self.finish(job)
+            p = self._pending
+        if p is not None:
+            p.call.wait()
+            self._commit(p)
 
-    def _close_active(self) -> None:
-        """Before a new call: end an abandoned stream of this thread (keeping its partial output); a call
-        still running in another thread makes this one fail fast instead of corrupting the history."""
-        self._settle()
-        job = self._active
-        if job is None:
+    def _close_pending(self) -> None:
+        """Before a new call: a call whose stream this thread left part-read ends now (keeping what was read);
+        one never read runs to its end first; one being read by another thread makes this call fail fast."""
+        p = self._pending
+        if p is None:
             return
-        if job.thread != threading.get_ident():
+        if p.thread != threading.get_ident() and p.reading and not p.call.finished:
             raise ConversationBusyError("this conversation is busy with a call from another thread; wait for it "
                                         "to finish or stop it, or use one conversation per thread")
-        self.finish(job)
+        if p.reading:
+            p.call.cancel()
+            p.call.wait()
+            self._commit(p, partial=True)
+        else:
+            p.call.wait()
+            self._commit(p)
 
     # ---- tokens of the history ----------------------------------------------------------------------
-
-    def _reply_turn(self, job: Job) -> Turn:
-        call = job.call
-        text = call.stop.text
-        msg = {"role": "assistant", "content": text}
-        if job.adapter is not None:
-            msg["adapter"] = job.adapter
-        if job.suffix_is_template:
-            return Turn(msg, self._template_delta(msg), True)
-        ids = job.suffix + call.output
-        eos = self.engine.tokenizer.eos_token_id
-        if eos is not None and (not call.output or call.output[-1] not in self.engine.eos_token_ids):
-            ids.append(eos)  # close the turn so later messages start cleanly
-        return Turn(msg, ids, False)
-
-    def _plain(self) -> list[dict]:
-        return [{"role": t.message["role"], "content": t.message["content"]} for t in self._turns if t.templated]
 
     def _render(self, messages: list[dict], generation_prompt: bool = False) -> list[int]:
         if not messages and not generation_prompt:
@@ -286,28 +400,23 @@ class Conversation:
                                                         add_generation_prompt=generation_prompt)
         return list(out["input_ids"] if hasattr(out, "keys") else out)
 
-    def _template_delta(self, message: dict) -> list[int]:
-        """Tokens the chat template adds for ``message`` after the current history."""
-        plain = self._plain()
-        before = self._render(plain)
-        after = self._render(plain + [{"role": message["role"], "content": message["content"]}])
-        return after[common_prefix(before, after):]
+    def _history_ids(self, generation_prompt: bool = False) -> list[int]:
+        """The template's rendering of the messages, kept adapter turns spliced in verbatim where they were
+        kept (the template renders the messages around them)."""
+        out: list[int] = []
+        plain: list[dict] = []
+        shown: list[int] = []  # the rendering of ``plain`` already in ``out``
+        for t in self._turns:
+            if t.ids is None:
+                plain.append({"role": t.message["role"], "content": t.message["content"]})
+                continue
+            now = self._render(plain)
+            out += now[common_prefix(shown, now):] + t.ids
+            shown = now
+        now = self._render(plain, generation_prompt)
+        return out + now[common_prefix(shown, now):]
 
-    def _generation_prompt(self) -> list[int]:
-        plain = self._plain()
-        before = self._render(plain)
-        after = self._render(plain, generation_prompt=True)
-        return after[common_prefix(before, after):]
 
-
-async def _in_thread(gen: Iterator[str]) -> AsyncIterator[str]:
-    """Drive a blocking generator from asyncio, one item per worker-thread hop; closes it if cancelled."""
-    done = object()
-    try:
-        while True:
-            item = await asyncio.to_thread(next, gen, done)
-            if item is done:
-                return
-            yield item
-    finally:
-        await asyncio.to_thread(gen.close)
+async def _wait_async(call: Call) -> None:
+    async for _ in call.aiter():
+        pass

@@ -8,7 +8,7 @@ from html import escape
 
 import alora
 
-from app.session import Baseline
+from .session import Baseline
 
 BASE = "base"
 KIND = {"alora": "aLoRA", "lora": "LoRA"}
@@ -109,12 +109,10 @@ def mode_text(adapter: str | None, kind: str | None, action: str, stats: alora.C
     return f"aLoRA <b>{escape(adapter)}</b> invoked {where}: the cached base history was reused.{tail}"
 
 
-def _cell(field: str, stats: alora.CallStats | None, stopped: bool) -> str:
+def _cell(field: str, stats: alora.CallStats | None) -> str:
     if stats is None:
         return "–"
     value = getattr(stats, field)
-    if field in ("ttft_s", "total_s", "decode_tokens_per_s", "decode_tokens") and stopped and not stats.finish_reason:
-        return "stopped"
     if field == "decode_tokens_per_s":
         return f"{value:.1f}"
     if field.endswith("_s"):
@@ -122,8 +120,8 @@ def _cell(field: str, stats: alora.CallStats | None, stopped: bool) -> str:
     return str(value)
 
 
-def _row(kind: str, title: str, stats: alora.CallStats | None, stopped: bool = False) -> str:
-    cells = "".join(f'<td data-stat="{f}">{escape(_cell(f, stats, stopped))}</td>' for f, _ in COLUMNS)
+def _row(kind: str, title: str, stats: alora.CallStats | None) -> str:
+    cells = "".join(f'<td data-stat="{f}">{escape(_cell(f, stats))}</td>' for f, _ in COLUMNS)
     return f'<tr data-row="{kind}"><th>{escape(title)}</th>{cells}</tr>'
 
 
@@ -143,7 +141,7 @@ def stats_html(stats: alora.CallStats | None, *, adapter: str | None = None, kin
         parts.append(f'<div class="mode">{mode_text(adapter, kind, action, stats, keep)}</div>')
         head = "".join(f"<th>{escape(t)}</th>" for _, t in COLUMNS)
         who = f"{adapter} ({KIND.get(kind, '?')})" if adapter else "base model"
-        rows = [_row("call", f"this call: {who}" + (" (running…)" if running else ""), stats, stopped)]
+        rows = [_row("call", f"this call: {who}" + (" (running…)" if running else ""), stats)]
         if baseline is not None:
             rows.append(_row("baseline", baseline.label, baseline.stats))
         parts.append(f"<table><thead><tr><th></th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")

@@ -1,11 +1,10 @@
 """What the UI keeps per browser session, and where adapters may be loaded from. No Gradio in here.
 
 ``ChatSession`` wraps one ``alora.Conversation``. Every touch of the conversation happens under the
-session's lock, one engine step at a time, so a Stop click, a Clear or a second Send from the same browser
-never races a generation still in flight: each call takes a ticket, and a call whose ticket is no longer
-current stops at its next step, keeping what it generated (the conversation stays consistent). Gradio runs
-a streaming handler's steps on whichever worker thread is free, so the session finishes every job itself
-(``Conversation.finish``) rather than leaving an abandoned stream for the conversation to find.
+session's lock, so a Stop click, a Clear or a second Send from the same browser never races a generation still
+in flight: each call takes a ticket, and a call whose ticket is no longer current is cancelled (the engine's
+scheduler ends it at its next step; the conversation keeps what it generated). Calls of different sessions
+run batched together in the engine's scheduler.
 
 ``AdapterFolders`` is the allow-list for loading adapters from the UI: a path typed in the browser is
 resolved (symlinks and ``..`` included) and must lie under one of the directories the server was started
@@ -14,6 +13,7 @@ with; nothing is uploaded, and the engine refuses pickles on its own.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +22,8 @@ from typing import Callable, Iterator
 import alora
 
 CONFIG_FILE = "adapter_config.json"
+_baselines = itertools.count()
 ENGINE_ERRORS = (alora.AdapterError, alora.CheckpointError, ValueError, KeyError, OSError)
-_END = object()
 
 
 class LoadRefused(ValueError):
@@ -51,7 +51,7 @@ class ChatSession:
         self.stopped_ticket = -1  # the ticket the Stop button ended last
         self.system = (system or "").strip() or None
         self.conv = engine.conversation(system=self.system)
-        self.job: alora.Job | None = None  # the call in flight, if any
+        self.call: alora.Call | None = None  # the call in flight, if any
 
     def __deepcopy__(self, memo):  # a session is never copied (Gradio deep-copies some state values)
         return self
@@ -69,70 +69,71 @@ class ChatSession:
         with self._ticket_lock:
             self.stopped_ticket = self._ticket
             self._ticket += 1
+        call = self.call
+        if call is not None:
+            call.cancel()
 
     def current(self, ticket: int) -> bool:
         return self._ticket == ticket
 
     # ---- calls ------------------------------------------------------------------------------------
 
-    def start(self, system: str | None, prepare: Callable[[alora.Conversation], alora.Job]
-              ) -> tuple[alora.Job, int, list[dict]]:
-        """Start a call: take a ticket, end the call before it (its output kept), apply the system prompt,
-        then ``prepare(conversation)`` (``start_send``/``start_invoke``). Returns the job, its ticket and
+    def start(self, system: str | None, prepare: Callable[[alora.Conversation], alora.Call]
+              ) -> tuple[alora.Call, int, list[dict]]:
+        """Start a call: take a ticket, stop the call before it (its output kept), apply the system prompt,
+        then ``prepare(conversation)`` (``start_send``/``start_invoke``). Returns the call, its ticket and
         the messages before it. Engine errors propagate; the conversation is then unchanged."""
         with self.lock:
             ticket = self.begin()
-            self._end_job()
+            self._end_call()
             self.use_system(system)
             before = self.conv.messages
-            self.job = prepare(self.conv)
-            return self.job, ticket, before
+            self.call = prepare(self.conv)
+            return self.call, ticket, before
 
-    def drain(self, job: alora.Job, ticket: int) -> Iterator[str]:
-        """Run ``job`` one engine step at a time under the lock, yielding its text deltas, while ``ticket``
-        is current. However it ends (done, stopped, superseded, abandoned, failed) the job is finished:
-        its output joins the history, or on an engine error the call is undone."""
-        stream = self.engine.stream(job.call)
-        failed = False
+    def drain(self, call: alora.Call, ticket: int) -> Iterator[str]:
+        """Yield ``call``'s text deltas while ``ticket`` is current; a superseded or stopped call is cancelled
+        (the engine ends it at its next step, and the conversation keeps what it generated). An engine
+        error raises here, and the conversation takes the call back."""
         try:
-            while True:
-                with self.lock:
-                    if job.done or not self.current(ticket):
-                        return
-                    try:
-                        delta = next(stream, _END)
-                    except BaseException:
-                        failed = True
-                        raise
-                if delta is _END:
+            for event in call:
+                if not self.current(ticket):
+                    call.cancel()
                     return
-                yield delta
+                if event.text:
+                    yield event.text
         finally:
+            if not call.finished:  # superseded, stopped, or the handler was abandoned (browser closed)
+                call.cancel()
+                call.wait()  # the next scheduler step: then its stats are final
             with self.lock:
-                job.conversation.finish(job, failed=failed)
-                if self.job is job:
-                    self.job = None
+                if self.call is call:
+                    self.call = None
 
-    def _end_job(self) -> None:
-        if self.job is not None:
-            self.job.conversation.finish(self.job)
-            self.job = None
+    def _end_call(self) -> None:
+        if self.call is not None:
+            self.call.cancel()
+            self.call = None
 
     def use_system(self, system: str | None) -> None:
-        """Apply the system-prompt box; a changed prompt restarts the conversation with the same messages
-        (their KV is recomputed on the next call, which its stats report). Call with the lock held."""
+        """Apply the system-prompt box: a changed prompt gives a conversation with the same turns (kept
+        adapter outputs included, token for token) under the new system prompt; the KV the turns share with
+        the old rendering is reused by the next call. Call with the lock held."""
         system = (system or "").strip() or None
         if system == self.system:
             return
-        messages = [m for m in self.conv.messages if m["role"] != "system"]
-        self.conv = self.engine.conversation(system=system, messages=messages)
+        state = self.conv.to_dict()
+        turns = [t for t in state["turns"] if t["message"]["role"] != "system"]
+        if system is not None:
+            turns.insert(0, {"message": {"role": "system", "content": system}})
+        self.conv = self.engine.conversation_from({**state, "turns": turns})
         self.system = system
 
     def clear(self, system: str | None = None) -> None:
         """A fresh conversation (same engine) with ``system``; any call in flight stops."""
         self.begin()
         with self.lock:
-            self._end_job()
+            self._end_call()
             self.system = (system or "").strip() or None
             self.conv = self.engine.conversation(system=self.system)
 
@@ -162,7 +163,9 @@ def run_baseline(session: ChatSession, ticket: int, before: list[dict], alora_na
     adapter = twin or alora_name
     label = (f"LoRA swapping ({twin}: history recomputed)" if twin
              else "standard way (same weights, history re-prefilled)")
-    scratch = engine.conversation(messages=before)
+    # a salt of its own: the baseline computes everything afresh, as a switch would, and its KV is
+    # never found by the session's later calls
+    scratch = engine.conversation(messages=before, cache_salt=f"baseline-{next(_baselines)}")
     try:
         gen = scratch.send(text, adapter=adapter, **sampling) if text is not None \
             else scratch.invoke(adapter, **sampling)

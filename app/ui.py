@@ -15,9 +15,9 @@ from types import SimpleNamespace
 import gradio as gr
 
 import alora
-from app import render
-from app.render import BASE
-from app.session import ENGINE_ERRORS, AdapterFolders, ChatSession, run_baseline
+from . import render
+from .render import BASE
+from .session import ENGINE_ERRORS, AdapterFolders, ChatSession, run_baseline
 
 log = logging.getLogger("app")
 
@@ -156,21 +156,21 @@ class ChatUI:
         live = dict(adapter=adapter, kind=kind, action="send", call=next(self._calls))
         sampling = dict(max_new_tokens=int(max_tokens), temperature=float(temperature))
         try:
-            job, ticket, before = sess.start(system, lambda conv: conv.start_send(text, adapter, **sampling))
+            call, ticket, before = sess.start(system, lambda conv: conv.start_send(text, adapter, **sampling))
         except ENGINE_ERRORS as e:
             msg = _message(e)
             yield {c.state: sess, c.chatbot: render.chat_view(engine, sess.messages()),
                    c.stats: render.stats_html(None, error=msg, **live),
                    c.raw: render.stats_json(None, error=msg, **live)}
             return
-        stats = job.call.stats
+        stats = call.stats
         shown = render.chat_view(engine, before) + [{"role": "user", "content": text}]
         prefix = render.reply_prefix(engine, adapter)
         yield {c.state: sess, c.msg: "", c.chatbot: shown + [{"role": "assistant", "content": prefix + "…"}],
                c.stats: render.stats_html(stats, running=True, **live), c.raw: render.stats_json(stats, **live)}
         reply, error = "", None
         try:
-            for delta in sess.drain(job, ticket):
+            for delta in sess.drain(call, ticket):
                 reply += delta
                 yield {c.chatbot: shown + [{"role": "assistant", "content": prefix + reply}]}
         except Exception as e:  # an engine failure mid-stream: the conversation already dropped the turn
@@ -199,20 +199,20 @@ class ChatUI:
         live = dict(adapter=name, kind=kind, action="invoke", call=next(self._calls))
         sampling = dict(max_new_tokens=int(max_tokens), temperature=INTRINSIC_TEMPERATURE)
         try:
-            job, ticket, before = sess.start(system, lambda conv: conv.start_invoke(name, keep, **sampling))
+            call, ticket, before = sess.start(system, lambda conv: conv.start_invoke(name, keep, **sampling))
         except ENGINE_ERRORS as e:
             msg = _message(e)
             yield {c.state: sess, c.side: render.side_html(name, kind, "", error=msg),
                    c.stats: render.stats_html(None, error=msg, **live),
                    c.raw: render.stats_json(None, error=msg, **live)}
             return
-        stats = job.call.stats
+        stats = call.stats
         yield {c.state: sess, c.side: render.side_html(name, kind, "", running=True, keep=keep),
                c.stats: render.stats_html(stats, running=True, keep=keep, **live),
                c.raw: render.stats_json(stats, **live)}
         out, error = "", None
         try:
-            for delta in sess.drain(job, ticket):
+            for delta in sess.drain(call, ticket):
                 out += delta
                 yield {c.side: render.side_html(name, kind, out, running=True, keep=keep)}
         except Exception as e:

@@ -56,41 +56,26 @@ def rouge_l(pred: str, ref: str) -> float:
     return 2 * prec * rec / (prec + rec)
 
 
-def base_job(engine, messages: list[dict], invocation: str, max_new_tokens: int):
-    """The base model on history + invocation (no adapter), as a prepared engine call."""
-    from alora.engine import CallStats
-    from alora.sampling import SamplingParams
-
-    hist = engine.conversation(messages=messages).history_ids
-    prompt = hist + engine.tokenizer(invocation, add_special_tokens=False)["input_ids"]
-    cache = engine.new_cache(len(prompt) + max_new_tokens + 1)
-    return engine.start_call(cache, prompt, [-1] * len(prompt), -1,
-                             SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0), CallStats())
-
-
 def run(engine, items, batch: int, desc: str) -> list[str]:
-    """items: ('base', messages, invocation, n) or ('adapter', messages, name, n); returns the texts."""
+    """items: ('base', messages, invocation, n): the base model on history + invocation; or
+    ('adapter', messages, name, n): ``conv.invoke(name)``. Runs ``batch`` at a time; returns the texts."""
     from tqdm import tqdm
+
+    from alora import SamplingParams
 
     out = []
     with tqdm(total=len(items), desc=desc, unit="gen") as bar:
         for i in range(0, len(items), batch):
             chunk = items[i:i + batch]
-            calls, jobs = [], []
+            calls = []
             for kind, messages, what, n in chunk:
+                conv = engine.conversation(messages=messages)
                 if kind == "base":
-                    calls.append(base_job(engine, messages, what, n))
+                    prompt = conv.history_ids + engine.tokenizer(what, add_special_tokens=False)["input_ids"]
+                    calls.append(engine.submit(prompt, params=SamplingParams(max_new_tokens=n)))
                 else:
-                    job = engine.conversation(messages=messages).start_invoke(what, max_new_tokens=n, temperature=0.0)
-                    jobs.append(job)
-                    calls.append(job.call)
-            texts = [""] * len(calls)
-            while not all(c.finished for c in calls):
-                for j, d in enumerate(engine.step(calls)):
-                    texts[j] += d
-            for job in jobs:
-                job.conversation.finish(job)
-            out.extend(t.strip() for t in texts)
+                    calls.append(conv.start_invoke(what, max_new_tokens=n, temperature=0.0))
+            out.extend(t.strip() for t in engine.run_batch(calls))
             bar.update(len(chunk))
     return out
 

@@ -13,18 +13,19 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from alora_kernels.torch_ref import mixed_lora_linear_torch
+from alora_kernels.torch_ref import mixed_lora_linear_torch, slot_runs
 
-__all__ = ["mixed_lora_linear"]
+__all__ = ["mixed_lora_linear", "slot_runs"]
 
 
 def mixed_lora_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor | None,
                       B: torch.Tensor | None, scale: torch.Tensor | None, slot: torch.Tensor | None,
-                      backend: str | None = None) -> torch.Tensor:
+                      backend: str | None = None,
+                      runs: dict[int, list[tuple[int, int]]] | None = None) -> torch.Tensor:
     """A linear layer whose rows each add their own adapter's low-rank update.
 
     ``y[t] = x[t]·Wᵀ (+ bias) + scale[s]·(x[t]·A[s]ᵀ)·B[s]ᵀ`` where ``s = slot[t]``; nothing is added where
-    ``s = -1`` (any negative slot is a base row).
+    ``s = -1`` (any negative slot is a base row); a slot with no stacked adapter (``s >= S``) is an error.
 
     Args:
         x: [T, K] activations.
@@ -37,6 +38,10 @@ def mixed_lora_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | Non
             "triton" forces the kernel (CPU tensors need ``TRITON_INTERPRET=1`` and float32/float16);
             "torch" forces the torch path.
 
+        runs: optional ``{slot: [(start, stop), ...]}`` runs of rows per adapter slot (``slot_runs``), for
+            callers that make many calls with one slot map (the engine: once per forward); without it the
+            slots are read here once. A slot >= S raises ``ValueError`` on both backends.
+
     ``A is None`` or ``slot is None`` means "no adapters": the call is exactly ``F.linear(x, W, bias)``.
 
     Returns:
@@ -45,10 +50,15 @@ def mixed_lora_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | Non
     if A is None or slot is None:
         return F.linear(x, W, bias)
     _check(x, W, bias, A, B, scale, slot)
+    # both backends refuse a slot with no stacked adapter (a base row would be silently wrong)
+    if runs is None:
+        runs = slot_runs(slot, A.shape[0])  # reads the slots once: a device sync off CPU
+    elif runs and max(runs) >= A.shape[0]:
+        raise ValueError(f"slot {max(runs)} out of range: only {A.shape[0]} adapter slots are stacked")
     if backend is None:
         backend = "triton" if x.is_cuda and _triton_installed() else "torch"
     if backend == "torch":
-        return mixed_lora_linear_torch(x, W, bias, A, B, scale, slot)
+        return mixed_lora_linear_torch(x, W, bias, A, B, scale, slot, runs)
     if backend == "triton":
         from alora_kernels.triton_mixed import mixed_lora_linear_triton
 

@@ -20,14 +20,14 @@ import torch
 import torch.nn.functional as F
 
 
-def _slot_runs(slot: torch.Tensor, num_slots: int) -> dict[int, list[tuple[int, int]]]:
+def slot_runs(slot: torch.Tensor | list[int], num_slots: int) -> dict[int, list[tuple[int, int]]]:
     """Map each adapter slot present in ``slot`` to its runs of consecutive rows ``[(start, stop), ...]``.
 
     Negative slots are base rows and are left out. Reads the slots once (a device sync off CPU).
     """
     runs: dict[int, list[tuple[int, int]]] = {}
     start = 0
-    for s, group in groupby(slot.tolist()):
+    for s, group in groupby(slot.tolist() if isinstance(slot, torch.Tensor) else slot):
         stop = start + sum(1 for _ in group)
         if s >= 0:
             if s >= num_slots:
@@ -38,13 +38,16 @@ def _slot_runs(slot: torch.Tensor, num_slots: int) -> dict[int, list[tuple[int, 
 
 
 def mixed_lora_linear_torch(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
-                            B: torch.Tensor, scale: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+                            B: torch.Tensor, scale: torch.Tensor, slot: torch.Tensor,
+                            runs: dict[int, list[tuple[int, int]]] | None = None) -> torch.Tensor:
     """``y[t] = x[t]·Wᵀ (+ bias) + scale[s]·(x[t]·A[s]ᵀ)·B[s]ᵀ`` with ``s = slot[t]`` (nothing added where s < 0).
 
-    Shapes are assumed valid (``alora_kernels.mixed_lora_linear`` checks them).
+    Shapes are assumed valid (``alora_kernels.mixed_lora_linear`` checks them). ``runs`` is
+    ``slot_runs(slot, S)`` when the caller has it already (one forward's projections share one slot map).
     """
     y = F.linear(x, W, bias)
-    runs = _slot_runs(slot, A.shape[0])
+    if runs is None:
+        runs = slot_runs(slot, A.shape[0])
     if not runs:
         return y
     scales = scale.tolist()

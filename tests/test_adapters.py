@@ -103,7 +103,7 @@ def test_ibm_format_activates_one_token_later(fresh, default_dir, tmp_path):
     assert info.kind == "alora" and info.format == "ibm" and list(info.invocation_tokens) == inv
     ids = _chat(fresh) + inv + _ids(fresh, "Yes")
     start = len(_chat(fresh))
-    slots = fresh._registry.slots_for("ibm", ids)
+    slots = fresh.slots_for("ibm", ids)
     assert slots.index(max(slots)) == start + 1
     base = fresh.forward_logits(ids)
     ibm_logits = fresh.forward_logits(ids, adapter="ibm")

@@ -37,8 +37,9 @@ def test_second_turn_reuses_cache_and_matches_scratch_run(engine):
     s = conv.stats
     assert s.reused_tokens >= cached_after_first - 1 > 0
     assert s.prefill_tokens < 20 and s.recomputed_tokens <= 3
-    # A fresh conversation fed the same history from scratch must produce the same reply.
-    scratch = engine.conversation(messages=conv.messages[:3])
+    # A fresh conversation fed the same history from scratch must produce the same reply (its own cache
+    # salt keeps it off the prefix cache the first conversation filled).
+    scratch = engine.conversation(messages=conv.messages[:3], cache_salt="scratch")
     again = "".join(scratch.send("And 3 + 3?", max_new_tokens=16))
     assert scratch.stats.reused_tokens == 0
     assert again == second and first
@@ -107,6 +108,6 @@ def test_run_batch_equals_separate_runs(engine):
     prompts = ["Say hello.", "List two fruits.", "What is rain?"]
     solo = ["".join(engine.conversation().send(p, max_new_tokens=10)) for p in prompts]
     convs = [engine.conversation() for _ in prompts]
-    jobs = [c.start_send(p, max_new_tokens=10) for c, p in zip(convs, prompts)]
-    assert engine.run_batch(jobs) == solo
+    calls = [c.start_send(p, max_new_tokens=10) for c, p in zip(convs, prompts)]
+    assert engine.run_batch(calls) == solo
     assert [c.messages[-1]["content"] for c in convs] == solo

@@ -125,10 +125,16 @@ def test_default_backend_on_cpu_is_torch_path():
     assert torch.equal(mixed_lora_linear(*args), mixed_lora_linear(*args, backend="torch"))
 
 
-def test_out_of_range_slot_raises():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_out_of_range_slot_raises_on_both_backends(backend):
+    """A slot with no stacked adapter is refused by both backends (the Triton kernel alone would treat it as a
+    base row), with or without precomputed runs; nothing reaches the kernel, so no interpreter is needed."""
     x, W, b, A, B, scale, _ = make_inputs(3, 16, 16, 8, 2, torch.float32, False, "base")
+    slot = torch.tensor([0, 2, -1], dtype=torch.int32)
     with pytest.raises(ValueError, match="slot 2 out of range"):
-        mixed_lora_linear(x, W, b, A, B, scale, torch.tensor([0, 2, -1], dtype=torch.int32))
+        mixed_lora_linear(x, W, b, A, B, scale, slot, backend=backend)
+    with pytest.raises(ValueError, match="slot 2 out of range"):
+        mixed_lora_linear(x, W, b, A, B, scale, slot, backend=backend, runs={0: [(0, 1)], 2: [(1, 2)]})
 
 
 BAD_INPUTS = {  # name: (argument index, replacement, message fragment)
@@ -196,13 +202,18 @@ def test_interp_matches_torch_path(dtype, T, K, N, r, S, mix):
 
 @interpreter_only
 def test_interp_strided_inputs_and_bad_slots():
-    """Non-contiguous x and W views; slots outside [0, S) act as base rows instead of reading out of bounds."""
+    """Non-contiguous x and W views; and the kernel itself, called past the wrapper's slot check, treats slots
+    outside [0, S) as base rows instead of reading out of bounds."""
+    from alora_kernels.triton_mixed import mixed_lora_linear_triton
+
     x, W, b, A, B, scale, _ = make_inputs(20, 48, 64, 8, 2, torch.float32, True, "base")
     x, W = x[:, ::2], W.t().contiguous().t()[:, ::2]
     slot = torch.tensor([0, 1, -1, 5, -7] * 4, dtype=torch.int32)
-    expected = mixed_lora_linear(x, W, b, A[:, :, ::2], B, scale, torch.where(slot < 2, slot, -1), "torch")
-    assert_close(mixed_lora_linear(x, W, b, A[:, :, ::2], B, scale, slot, backend="triton"), expected,
+    valid = torch.where(slot < 2, slot, -1)
+    expected = mixed_lora_linear(x, W, b, A[:, :, ::2], B, scale, valid, "torch")
+    assert_close(mixed_lora_linear(x, W, b, A[:, :, ::2], B, scale, valid, backend="triton"), expected,
                  torch.float32)
+    assert_close(mixed_lora_linear_triton(x, W, b, A[:, :, ::2], B, scale, slot), expected, torch.float32)
 
 
 @interpreter_only

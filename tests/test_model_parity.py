@@ -30,24 +30,40 @@ def test_tiny_architecture_logits_match_transformers(arch, tiny_dirs):
     assert (ours - ref).abs().max().item() <= 1e-4
 
 
+def _teacher_forced(eng, ids, start, salt):
+    """Decode ``ids[start:]`` one token at a time after a prompt of ``ids[:start]`` through the scheduler,
+    forcing each next token with a logits processor that records the logits the model gave first."""
+    rows = []
+
+    def force(generated, logits):
+        rows.append(logits.clone())
+        forced = torch.full_like(logits, float("-inf"))
+        forced[ids[start + len(generated)]] = 0.0
+        return forced
+
+    params = alora.SamplingParams(max_new_tokens=len(ids) - start, logits_processors=(force,))
+    call = eng.submit(ids[:start], params=params, cache_salt=salt)
+    assert [ev.finish_reason for ev in call][-1] == "length" and call.output_ids == ids[start:]
+    return torch.stack(rows), call
+
+
 @pytest.mark.parametrize("arch", ["mistral", "qwen3", "granite"])
 def test_incremental_decode_equals_full_forward(arch, tiny_dirs):
     eng = alora.Engine.from_pretrained(tiny_dirs[arch])
     ids = torch.randint(0, 49152, (60,), generator=torch.Generator().manual_seed(2)).tolist()
     full = eng.forward_logits(ids)
-    cache = eng.new_cache()
-    rows = [eng._forward([(cache, ids[:40], [-1] * 40)], all_rows=True)[0]]
-    for i in range(40, 60):  # token by token, past the sliding window
-        rows.append(eng._forward([(cache, ids[i:i + 1], [-1])], all_rows=True)[0])
-    assert (torch.cat(rows) - full).abs().max().item() <= 1e-4
+    rows, _ = _teacher_forced(eng, ids, 40, salt=None)  # token by token, past the sliding window
+    assert (rows - full[39:59]).abs().max().item() <= 1e-4
+    eng.shutdown()
 
 
 def test_incremental_decode_default_model(engine):
+    """A prefix computed by one call and reused by the next (copied from the prefix cache), the rest
+    prefilled, then decoded token by token: the logits of a single full forward."""
     ids = torch.randint(0, 49152, (80,), generator=torch.Generator().manual_seed(3)).tolist()
     full = engine.forward_logits(ids)
-    cache = engine.new_cache()
-    rows = [engine._forward([(cache, ids[:50], [-1] * 50)], all_rows=True)[0],
-            engine._forward([(cache, ids[50:70], [-1] * 20)], all_rows=True)[0]]
-    for i in range(70, 80):
-        rows.append(engine._forward([(cache, ids[i:i + 1], [-1])], all_rows=True)[0])
-    assert (torch.cat(rows) - full).abs().max().item() <= 5e-4
+    for _ in engine.submit(ids[:50], params=alora.SamplingParams(max_new_tokens=0), cache_salt="incremental"):
+        pass
+    rows, call = _teacher_forced(engine, ids, 70, salt="incremental")
+    assert call.stats.reused_tokens == 50 and call.stats.prefill_tokens == 20
+    assert (rows - full[69:79]).abs().max().item() <= 5e-4

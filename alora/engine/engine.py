@@ -1,76 +1,50 @@
-"""The engine: model, tokenizer, adapters and the one loop that runs prefill and decode for any batch."""
+"""The engine: model, tokenizer, adapters, the KV pool and the scheduler that runs every call."""
 
 from __future__ import annotations
 
 import threading
-import time
-from dataclasses import dataclass, field
+import weakref
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
 from alora.adapters import AdapterInfo, AdapterRegistry
-from alora.cache import KVCache
-from alora.context import ForwardContext, SeqSpan, forward_context
-from alora.conversation import Conversation, Job
-from alora.detokenize import IncrementalDetokenizer, StopMatcher
+from alora.engine.detokenize import IncrementalDetokenizer, StopMatcher
+from alora.engine.kv_pool import KVPool
+from alora.engine.request import Call, CallStats
+from alora.engine.runner import ModelRunner
+from alora.engine.sampling import SamplingParams
+from alora.engine.scheduler import Scheduler
+from alora.errors import AdapterInUseError, AloraError, ContextOverflowError
 from alora.models import LlamaModel, load_model
-from alora.sampling import SamplingParams, sample
 
 
-class ContextOverflowError(ValueError):
-    """The prompt does not fit in the model's context window."""
+def default_kv_cache_gb(device: torch.device) -> float:
+    """The KV budget when none is given: 30% of free GPU memory on CUDA; on CPU 10% of RAM, at most 4 GiB."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 0.3 * free / 2**30
+    try:
+        import os
 
-
-@dataclass
-class CallStats:
-    """What one call cost. ``reused_tokens`` came from the KV cache; ``prefill_tokens`` were computed
-    before the first output token; ``recomputed_tokens`` are history tokens this call had to compute again."""
-
-    prefill_tokens: int = 0
-    reused_tokens: int = 0
-    recomputed_tokens: int = 0
-    decode_tokens: int = 0
-    ttft_s: float = 0.0
-    total_s: float = 0.0
-    decode_tokens_per_s: float = 0.0
-    finish_reason: str = ""
-    adapter: str | None = None
-
-
-@dataclass
-class Call:
-    """One generation in flight: a prompt to feed into ``cache`` (from ``cache.length`` on), then decoding."""
-
-    cache: KVCache
-    prompt: list[int]  # tokens still to feed before the first sample
-    prompt_slots: list[int]  # adapter slot per prompt token (-1 = base)
-    decode_slot: int  # adapter slot of generated tokens
-    params: SamplingParams
-    stats: CallStats
-    detok: IncrementalDetokenizer
-    stop: StopMatcher
-    generator: torch.Generator | None
-    started: float = field(default_factory=time.perf_counter)
-    output: list[int] = field(default_factory=list)  # sampled tokens, stop token included
-    pending: int | None = None  # sampled, not yet fed
-    finished: bool = False
-    driven: bool = False  # some loop (a stream, a batch, a UI) has stepped it
-    first_token_at: float | None = None
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 16 * 2**30
+    return min(4.0, 0.1 * ram / 2**30)
 
 
 class Engine:
-    """Owns the model, tokenizer, adapters and KV caches; thread-safe.
+    """Owns the model, tokenizer, adapters and all KV memory; every call runs through its scheduler, so
+    calls from any number of threads, conversations and clients are batched together. Thread-safe.
 
     >>> engine = Engine.from_pretrained()            # the embedded SmolLM2-135M-Instruct
     >>> conv = engine.conversation()
     >>> print("".join(conv.send("Hello!", max_new_tokens=16)))
     """
 
-    prefill_chunk = 2048  # longer prompts are prefilled in chunks of this many tokens
-
-    def __init__(self, model: LlamaModel, tokenizer, eos_token_ids: Sequence[int], model_path: Path):
+    def __init__(self, model: LlamaModel, tokenizer, eos_token_ids: Sequence[int], model_path: Path,
+                 kv_cache_gb: float | None = None, max_queue: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.model_path = model_path
@@ -80,13 +54,25 @@ class Engine:
         self.eos_token_ids = frozenset(eos_token_ids)
         self._lock = threading.RLock()
         self._registry = AdapterRegistry(model, tokenizer)
+        c = self.config
+        gb = default_kv_cache_gb(self.device) if kv_cache_gb is None else kv_cache_gb
+        if gb <= 0:
+            raise ValueError(f"kv_cache_gb must be > 0, got {gb}")
+        self.pool = KVPool(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype, self.device, int(gb * 2**30))
+        self.scheduler = Scheduler(ModelRunner(model), self.pool, self.eos_token_ids,
+                                   c.max_position_embeddings, max_queue)
+        # stop the scheduler thread when the engine goes away, or at exit before torch is torn down
+        weakref.finalize(self, self.scheduler.shutdown)
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, device: str | None = None,
-                        dtype: torch.dtype | None = None) -> "Engine":
+                        dtype: torch.dtype | str | None = None, kv_cache_gb: float | None = None,
+                        max_queue: int | None = None) -> "Engine":
         """Load an HF model folder (config.json, *.safetensors, tokenizer), or the embedded default model.
 
         ``device`` defaults to CUDA when available; ``dtype`` to bfloat16 on CUDA, float32 on CPU.
+        ``kv_cache_gb`` bounds all KV memory (default: ``default_kv_cache_gb``); ``max_queue`` bounds the
+        calls waiting for the scheduler (default: unbounded; ``QueueFullError`` past it).
         """
         from transformers import AutoTokenizer, GenerationConfig
 
@@ -96,17 +82,19 @@ class Engine:
         if not folder.is_dir():
             raise FileNotFoundError(f"model folder not found: {folder}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         model = load_model(folder, dtype=dtype, device=device)
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except Exception as e:
-            raise FileNotFoundError(f"{folder}: no usable tokenizer ({e})") from e
+            raise AloraError(f"{folder}: the tokenizer could not be loaded: {type(e).__name__}: {e}") from e
         eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         if (folder / "generation_config.json").is_file():
             gen_eos = GenerationConfig.from_pretrained(folder).eos_token_id
             eos |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos is not None else [])
-        return cls(model, tokenizer, sorted(eos), folder)
+        return cls(model, tokenizer, sorted(eos), folder, kv_cache_gb=kv_cache_gb, max_queue=max_queue)
 
     # ---- adapters -------------------------------------------------------------------------------------
 
@@ -116,8 +104,15 @@ class Engine:
             return self._registry.load(name, Path(path))
 
     def unload_adapter(self, name: str) -> None:
+        """Unload adapter ``name``. Refused (``AdapterInUseError``) while a call that uses it is waiting or
+        running, so no call ever continues on another adapter's weights."""
         with self._lock:
+            slot, uid = self._registry.slot(name), self._registry.get(name).uid
+            if self.scheduler.active(lambda c: c.decode_slot == slot or slot in c.slots):
+                raise AdapterInUseError(f"adapter {name!r} is in use by a running call; unload it when the "
+                                        "call has finished (or cancel it)")
             self._registry.unload(name)
+            self.pool.drop(lambda namespace: namespace[1] == uid)  # its LoRA prefixes can never match again
 
     @property
     def adapters(self) -> dict[str, AdapterInfo]:
@@ -125,152 +120,133 @@ class Engine:
         return dict(self._registry.infos)
 
     def adapter(self, name: str) -> AdapterInfo:
+        """The ``AdapterInfo`` of a loaded adapter; ``UnknownAdapterError`` if none has that name."""
         return self._registry.get(name)
 
-    # ---- one-pass logits ------------------------------------------------------------------------------
+    def slots_for(self, adapter: str | None, ids: Sequence[int]) -> list[int]:
+        """The adapter slot of every token of ``ids`` when ``adapter`` runs on them (-1 = base), by its
+        activation rule (aLoRA: from the last occurrence of its invocation; LoRA: every token)."""
+        return self._registry.slots_for(adapter, ids) if adapter else [-1] * len(ids)
 
-    def forward_logits(self, token_ids: Sequence[int] | torch.Tensor, adapter: str | None = None) -> torch.Tensor:
-        """Logits [len(token_ids), vocab] float32 of one pass with no cache; an aLoRA is activated by its
-        format's rule, a LoRA adapts every token."""
-        ids = [int(t) for t in (token_ids.tolist() if isinstance(token_ids, torch.Tensor) else token_ids)]
-        if not ids:
-            raise ValueError("forward_logits needs at least one token")
-        self.check_fits(len(ids))
-        slots = self._registry.slots_for(adapter, ids) if adapter else [-1] * len(ids)
-        cache = self.new_cache(len(ids))
-        out = [self._forward([(cache, ids[i:i + self.prefill_chunk], slots[i:i + self.prefill_chunk])], all_rows=True)[0]
-               for i in range(0, len(ids), self.prefill_chunk)]
-        return torch.cat(out).cpu()
+    def invocation_prompt(self, adapter: str, ids: Sequence[int]) -> list[int]:
+        """``ids`` followed by ``adapter``'s invocation tokens (an aLoRA's activation, a LoRA's optional
+        prompt suffix); unchanged for an adapter without one."""
+        return list(ids) + list(self.adapter(adapter).invocation_tokens or ())
 
-    # ---- conversations --------------------------------------------------------------------------------
-
-    def conversation(self, system: str | None = None, messages: list[dict] | None = None) -> Conversation:
-        """A new chat with its own base-model KV cache; ``system`` is an optional system prompt and
-        ``messages`` an earlier history to continue (prefilled on the first call)."""
-        return Conversation(self, system, messages)
-
-    def new_cache(self, capacity: int = 256) -> KVCache:
-        c = self.config
-        return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype, self.device, capacity)
+    # ---- calls ----------------------------------------------------------------------------------------
 
     def check_fits(self, n_tokens: int) -> None:
+        """Raise ``ContextOverflowError`` if ``n_tokens`` positions exceed the context or the KV budget."""
         limit = self.config.max_position_embeddings
         if n_tokens > limit:
             raise ContextOverflowError(
                 f"{n_tokens} tokens exceed the model's context of {limit} tokens; start a new conversation "
                 "or shorten the input")
+        if n_tokens > self.pool.budget_tokens:
+            raise ContextOverflowError(
+                f"{n_tokens} tokens exceed the KV cache budget of {self.pool.budget_tokens} tokens "
+                f"({self.pool.budget_bytes / 2**30:.3g} GiB); raise kv_cache_gb")
 
-    # ---- the loop ----------------------------------------------------------------------------------------
+    def submit(self, prompt: Sequence[int], adapter: str | None = None, params: SamplingParams | None = None,
+               cache_salt: str | None = None, *, expected_cached: int = 0, use_cache: bool = True,
+               store: bool | None = None, all_logits: bool = False) -> Call:
+        """Queue a generation and return its handle (iterate it for ``Event``s; ``cancel()`` it).
 
-    def _forward(self, feeds: list[tuple[KVCache, list[int], list[int]]], all_rows: bool = False) -> list[torch.Tensor]:
-        """One forward over the new tokens of several sequences; returns each one's logits (last row, or all)."""
-        ids, positions, slots, spans, rows = [], [], [], [], []
-        for cache, toks, toks_slots in feeds:
-            spans.append(SeqSpan(len(ids), len(toks), cache, cache.length))
-            positions.extend(range(cache.length, cache.length + len(toks)))
-            ids.extend(toks)
-            slots.extend(toks_slots)
-            rows.append(len(ids) - 1)
-        dev = self.device
-        slot_t = torch.tensor(slots, dtype=torch.int32, device=dev) if any(s >= 0 for s in slots) else None
-        ctx = ForwardContext(torch.tensor(positions, device=dev), tuple(spans), slot_t)
-        with self._lock:
-            for cache, toks, _ in feeds:
-                cache.reserve(cache.length + len(toks))
-            with torch.inference_mode(), forward_context(ctx):
-                logits = self.model(torch.tensor(ids, device=dev),
-                                    None if all_rows else torch.tensor(rows, device=dev))
-            for cache, toks, _ in feeds:
-                cache.tokens.extend(toks)
-        if all_rows:
-            return [logits[s.start:s.start + s.length] for s in spans]
-        return list(logits)
-
-    def start_call(self, cache: KVCache, prompt: list[int], prompt_slots: list[int], decode_slot: int,
-                   params: SamplingParams, stats: CallStats) -> Call:
-        """Prepare a generation; the caller has already trimmed ``cache`` to the reusable prefix."""
-        if not prompt:
-            raise ValueError("nothing to feed: the prompt is empty")
-        self.check_fits(cache.length + len(prompt))
-        return Call(cache, list(prompt), list(prompt_slots), decode_slot, params, stats,
-                    IncrementalDetokenizer(self.tokenizer), StopMatcher(params.stop), params.generator())
-
-    def step(self, calls: Sequence[Call]) -> list[str]:
-        """Advance every unfinished call by one forward (a prefill chunk or one decode token), batched.
-
-        Returns the text delta of each call ('' when nothing new is visible yet).
+        An aLoRA adapts from the last occurrence of its invocation in ``prompt`` (none: the prompt runs in base
+        weights, see ``invocation_prompt``); a LoRA adapts every token. The longest cached prefix of the
+        prompt is reused: base-model KV for base tokens (and an aLoRA's tokens before its activation), a LoRA's
+        own KV under its weights; ``cache_salt`` keeps a tenant's prefixes apart from everyone else's.
+        ``expected_cached``: prompt tokens the caller computed before (misses count as recomputed).
+        ``use_cache=False`` computes everything afresh; ``store`` (default: ``use_cache``) keeps the call's
+        reusable prefix in the cache when it ends. ``all_logits`` keeps every prompt row's logits
+        (``call.logits_rows``).
         """
-        active = [c for c in calls if not c.finished]
-        feeds = []
-        for c in active:
-            c.driven = True
-            if c.prompt:
-                n = min(len(c.prompt), self.prefill_chunk)
-                feeds.append((c.cache, c.prompt[:n], c.prompt_slots[:n]))
-                del c.prompt[:n], c.prompt_slots[:n]
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        params = params or SamplingParams()
+        with self._lock:
+            slots = self.slots_for(adapter, prompt)
+            info = self.adapter(adapter) if adapter else None
+            first_adapted = next((i for i, s in enumerate(slots) if s >= 0), len(prompt))
+            if info is not None and info.kind == "lora":
+                namespace, storable = (cache_salt, info.uid), len(prompt)
             else:
-                feeds.append((c.cache, [c.pending], [c.decode_slot]))
-                c.pending = None
-        logits = self._forward(feeds) if feeds else []
-        deltas = {id(c): "" for c in calls}
-        for c, row in zip(active, logits):
-            if c.prompt:
-                continue
-            deltas[id(c)] = self._advance(c, row)
-        return [deltas[id(c)] for c in calls]
+                namespace, storable = (cache_salt, None), first_adapted
+            decode_slot = self._registry.slot(adapter) if adapter and first_adapted < len(prompt) else -1
+            self.check_fits(len(prompt) + 1)
+            self.check_fits(min(len(prompt) + params.max_new_tokens, self.config.max_position_embeddings))
+            call = Call(prompt, slots, decode_slot, params, namespace, storable,
+                        IncrementalDetokenizer(self.tokenizer), StopMatcher(params.stop), CallStats(adapter=adapter),
+                        use_cache=use_cache, store=use_cache if store is None else store, all_logits=all_logits,
+                        expected_cached=expected_cached,
+                        generator=params.generator())
+            self.scheduler.submit(call)
+        return call
 
-    def _advance(self, c: Call, logits: torch.Tensor) -> str:
-        """Sample the next token of ``c`` and turn it into visible text; mark the call finished if it ends."""
-        now = time.perf_counter()
-        if c.params.max_new_tokens == 0:
-            return self._finish(c, "length", now)
-        token = sample(logits, c.params, c.generator)
-        if c.first_token_at is None:
-            c.first_token_at = now
-        c.output.append(token)
-        if token in self.eos_token_ids:
-            return self._finish(c, "stop", now)
-        text = c.stop.feed(c.detok.push(token))
-        if c.stop.stopped:
-            return text + self._finish(c, "stop", now)
-        if len(c.output) >= c.params.max_new_tokens:
-            return text + self._finish(c, "length", now)
-        if c.cache.length + 1 >= self.config.max_position_embeddings:
-            return text + self._finish(c, "context", now)
-        c.pending = token
-        return text
+    def forward_logits(self, token_ids: Sequence[int] | torch.Tensor, adapter: str | None = None) -> torch.Tensor:
+        """Logits [len(token_ids), vocab] float32 of one pass with no cache; an aLoRA is activated by its
+        format's rule, a LoRA adapts every token."""
+        ids = token_ids.tolist() if isinstance(token_ids, torch.Tensor) else token_ids
+        call = self.submit(ids, adapter, SamplingParams(max_new_tokens=0), use_cache=False, all_logits=True)
+        for _ in call:
+            pass
+        return torch.cat(call.logits_rows)
 
-    def _finish(self, c: Call, reason: str, now: float) -> str:
-        c.finished = True
-        s = c.stats
-        s.finish_reason = reason
-        s.decode_tokens = len(c.output)
-        first = c.first_token_at or now
-        s.ttft_s = first - c.started
-        s.total_s = now - c.started
-        s.decode_tokens_per_s = (len(c.output) - 1) / (now - first) if len(c.output) > 1 and now > first else 0.0
-        return c.stop.flush()
-
-    def stream(self, call: Call) -> Iterator[str]:
-        """Run one call to the end, yielding text deltas."""
-        while not call.finished:
-            delta = self.step([call])[0]
-            if delta:
-                yield delta
-
-    def run_batch(self, jobs: Sequence[Job]) -> list[str]:
-        """Run prepared jobs (``conv.start_send`` / ``conv.start_invoke``) together, one batched forward per
-        step, mixing base and adapter tokens; returns each job's text. Equal to running each one alone."""
-        calls = [j.call for j in jobs]
-        texts = ["" for _ in jobs]
-        try:
-            while not all(c.finished for c in calls):
-                for i, d in enumerate(self.step(calls)):
-                    texts[i] += d
-        except BaseException:
-            for j in jobs:
-                j.conversation.finish(j, failed=True)
-            raise
-        for j in jobs:
-            j.conversation.finish(j)
+    def run_batch(self, calls: Sequence[Call]) -> list[str]:
+        """Wait for calls submitted together (``engine.submit``, ``conv.start_send``/``start_invoke``) and
+        return each one's text. They run batched by the scheduler, as every call does."""
+        texts = []
+        for call in calls:
+            for _ in call:
+                pass
+            texts.append(call.text)
         return texts
+
+    # ---- conversations --------------------------------------------------------------------------------
+
+    def conversation(self, system: str | None = None, messages: list[dict] | None = None,
+                     cache_salt: str | None = None, overflow: str = "error"):
+        """A new chat; ``system`` is an optional system prompt and ``messages`` an earlier history to
+        continue (computed on the first call). ``cache_salt`` keeps its KV apart from other tenants';
+        ``overflow`` ("error" or "drop_oldest") is what happens when the history outgrows the context."""
+        from alora.conversation import Conversation
+
+        return Conversation(self, system, messages, cache_salt=cache_salt, overflow=overflow)
+
+    def conversation_from(self, state: dict):
+        """Restore a conversation saved with ``Conversation.to_dict()``: the same tokens and messages."""
+        from alora.conversation import Conversation
+
+        return Conversation.from_dict(self, state)
+
+    def cached_prefix(self, ids: Sequence[int], cache_salt: str | None = None) -> int:
+        """How many leading tokens of ``ids`` have base-model KV in the prefix cache now."""
+        return self.pool.match((cache_salt, None), list(ids), count=False)[1]
+
+    # ---- observability --------------------------------------------------------------------------------
+
+    def metrics(self) -> dict:
+        """Counters and gauges for ``/metrics``: requests, KV memory, prefix-cache hits, per-adapter counts."""
+        running, waiting = self.scheduler.counts()
+        pool, sched = self.pool, self.scheduler
+        used = pool.used_bytes()
+        return {
+            "requests_running": running,
+            "requests_waiting": waiting,
+            "kv_cache_budget_bytes": pool.budget_bytes,
+            "kv_cache_capacity_bytes": pool.capacity_bytes,
+            "kv_cache_used_bytes": used,
+            "kv_cache_usage": used / pool.budget_bytes,
+            "kv_evictions": pool.evictions,
+            "prefix_cache_queries": pool.queries,
+            "prefix_cache_hits": pool.hits,
+            "preemptions": sched.preemptions,
+            "prompt_tokens_total": sched.prompt_tokens_total,
+            "generation_tokens_total": sched.generation_tokens_total,
+            "requests_finished": {name or "base": n for name, n in sched.finished_by_adapter.items()},
+        }
+
+    def shutdown(self) -> None:
+        """Cancel every call and stop the scheduler thread (also done at interpreter exit)."""
+        self.scheduler.shutdown()

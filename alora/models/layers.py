@@ -45,11 +45,11 @@ class Linear(nn.Module):
         self.lora: LoraStack | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        slots = get_context().slots
-        if slots is None or self.lora is None:
+        ctx = get_context()
+        if ctx.slots is None or self.lora is None:
             return F.linear(x, self.weight, self.bias)
         lora = self.lora
-        return mixed_lora_linear(x, self.weight, self.bias, lora.A, lora.B, lora.scale, slots)
+        return mixed_lora_linear(x, self.weight, self.bias, lora.A, lora.B, lora.scale, ctx.slots, runs=ctx.slot_runs)
 
 
 class RMSNorm(nn.Module):
