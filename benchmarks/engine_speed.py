@@ -6,7 +6,9 @@ For each prompt length L, one greedy generation of ``--decode-tokens`` tokens (E
                    per token (transformers' best case, no ``generate`` machinery);
 - ``hf_generate``: transformers ``model.generate`` (what most users call), first token timed with a streamer.
 ``prefill_s`` is the time to the first sampled token; ``decode_tok_s`` is (tokens - 1) / (time after the first).
-Median of ``--runs`` runs after one warm-up per length, the methods interleaved.
+Median of ``--runs`` runs after one warm-up per length, the methods interleaved. A run taken while other
+processes used more than ``--max-other-cores`` is repeated (``common.CpuGuard``; the JSON's ``cpu_guard`` counts
+rejected and flagged runs).
 
 Writes benchmarks/results/engine_speed[_cuda][_quick].json and .png.
 """
@@ -21,8 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (FirstTokenStreamer, machine_info, now, print_table, progress, pyplot,  # noqa: E402
-                    result_path, save_figure, setup_torch, sync, versions, write_json)
+from common import (FirstTokenStreamer, add_guard_args, guard_from_args, machine_info, now,  # noqa: E402
+                    print_table, progress, pyplot, result_path, save_figure, setup_torch, sync, versions, write_json)
 
 METHODS = ("ours", "hf_loop", "hf_generate")
 TEXT = ("The committee met on Tuesday to review the budget for the coming year. After a long discussion about "
@@ -40,6 +42,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens generated per run (default 32)")
     p.add_argument("--quick", action="store_true", help="smoke run: L=128,512, 2 runs, 8 tokens; writes *_quick files")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/engine_speed[_cuda][_quick].json)")
+    add_guard_args(p)
     args = p.parse_args()
     if args.quick:
         args.lengths, args.runs, args.decode_tokens = [128, 512], min(args.runs, 2), min(args.decode_tokens, 8)
@@ -54,13 +57,12 @@ def prompt_ids(tokenizer, L: int) -> list[int]:
 
 
 def run_ours(engine, ids: list[int], n: int, device: str) -> dict:
-    from alora import CallStats, SamplingParams
+    from alora import SamplingParams
 
-    cache = engine.new_cache(len(ids) + n)
     sync(device)
     t0 = now()
-    call = engine.start_call(cache, ids, [-1] * len(ids), -1, SamplingParams(max_new_tokens=n), CallStats())
-    for _ in engine.stream(call):
+    call = engine.submit(ids, params=SamplingParams(max_new_tokens=n, ignore_eos=True), use_cache=False)
+    for _ in call:
         pass
     sync(device)
     t1 = now()
@@ -121,6 +123,7 @@ def main() -> None:
            "hf_loop": lambda ids: run_hf_loop(hf, ids, args.decode_tokens, args.device),
            "hf_generate": lambda ids: run_hf_generate(hf, ids, args.decode_tokens, args.device)}
 
+    guard = guard_from_args(args)
     points = []
     bar = progress(len(args.lengths) * len(METHODS) * (args.runs + 1), "engine speed")
     for L in args.lengths:
@@ -129,9 +132,11 @@ def main() -> None:
         raw = {m: [] for m in METHODS}
         for run in range(args.runs + 1):  # run 0 is the warm-up
             for m in METHODS:
-                sample = fns[m](ids)
-                if run > 0:
-                    raw[m].append(sample)
+                if run == 0:
+                    fns[m](ids)
+                else:
+                    sample, cpu = guard.run(fns[m], ids)
+                    raw[m].append({**sample, **cpu})
                 bar.update()
         points.append({"L": L, "methods": {m: {
             "median_prefill_s": statistics.median(s["prefill_s"] for s in raw[m]),
@@ -147,7 +152,7 @@ def main() -> None:
                   "hf_attn_implementation": getattr(hf.config, "_attn_implementation", None)},
         "config": {"lengths": args.lengths, "runs": args.runs, "warmup_runs": 1, "decode_tokens": args.decode_tokens,
                    "threads": args.threads, "decoding": "greedy, EOS disabled (ours) / min_new_tokens (HF)"},
-        "points": points,
+        "points": points, "cpu_guard": guard.summary(),
     }
     out = args.out or result_path("engine_speed", args.device, args.quick, "json")
     write_json(out, result)
@@ -181,6 +186,7 @@ def main() -> None:
         ax.legend()
     fig.suptitle(f"Engine speed — {engine.model_path.name}, {args.device}, {args.threads} threads")
     save_figure(fig, out.with_suffix(".png"))
+    guard.report()
 
 
 if __name__ == "__main__":

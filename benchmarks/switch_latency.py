@@ -22,6 +22,10 @@ Every call emits exactly ``--new-tokens`` tokens, greedy (EOS disabled in our en
 transformers). An aLoRA and its LoRA twin share weights, rank, targets and the invocation text (the LoRA's is a
 prompt suffix, ``alora_runtime.json``), so they run on the same token ids.
 
+Quiet-machine guard (``common.CpuGuard``): a sweep or scaling sample taken while other processes used more than
+``--max-other-cores`` is repeated (``--retries`` times, then kept and flagged); the chat runs, which change their
+conversation and cannot be repeated, record other processes' CPU use. The JSON's ``cpu_guard`` counts them.
+
 Writes benchmarks/results/switch_latency[_cuda][_quick].json and .png / _chat.png / _scaling.png.
 """
 
@@ -30,8 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import random
-import re
 import statistics
 import sys
 import tempfile
@@ -41,15 +43,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (FirstTokenStreamer, machine_info, now, print_table, progress, pyplot,  # noqa: E402
-                    result_path, save_figure, setup_torch, sync, versions, write_json)
+from common import (FirstTokenStreamer, OtherCpu, add_guard_args, filler, guard_from_args,  # noqa: E402
+                    machine_info, now, print_table, progress, pyplot, result_path, save_figure, setup_torch, sync,
+                    versions, write_json)
 
 TASKS = ("judge", "title", "certainty", "safety", "summary", "answerability", "citation", "rewrite")
 RANK, ALPHA, TARGETS = 32, 32, ["q_proj", "k_proj", "v_proj"]  # IBM's intrinsics: r=32 on q/k/v
 METHODS = ("alora_invoke", "lora_invoke", "merge_swap", "peft_alora", "peft_lora", "base_floor")
-WORDS = ("the model reads a long conversation about many small things and then answers with care while we wait for "
-         "more text to come from this user who asks good questions on every topic under sun water city music "
-         "history science people work time year day way world life hand part place case week point number").split()
 USER_TURNS = ("Can you summarize what we discussed so far?", "What would be a good next step?",
               "Explain the main risk in one paragraph.", "Give me three examples.", "How confident are you?",
               "Rewrite that for a child.", "What did I ask first?", "Any final advice?")
@@ -73,6 +73,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run (< 2 min): L=128,256, 2 runs, 8 tokens, small "
                                                         "chat and scaling; writes *_quick files")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/switch_latency[_cuda][_quick].json)")
+    add_guard_args(p)
     args = p.parse_args()
     if args.quick:
         args.lengths = args.lengths or [128, 256]
@@ -143,11 +144,6 @@ def make_tasks(model_dir: Path, tokenizer, out: Path, count: int) -> list[Task]:
 
 # ---- histories -----------------------------------------------------------------------------------------
 
-def _filler(n: int, seed: int) -> str:
-    rng = random.Random(seed)
-    return " ".join(rng.choice(WORDS) for _ in range(n))
-
-
 def history_messages(engine, L: int, seed: int = 0) -> list[dict]:
     """User/assistant messages whose chat-template rendering (as ``conv.history_ids``) is exactly L tokens."""
     def rendered(msgs):
@@ -155,15 +151,15 @@ def history_messages(engine, L: int, seed: int = 0) -> list[dict]:
 
     msgs, i = [], 0
     while True:  # whole exchanges while they leave room for a last, short one
-        pair = [{"role": "user", "content": _filler(60, seed + i)},
-                {"role": "assistant", "content": _filler(140, seed + i + 1)}]
+        pair = [{"role": "user", "content": filler(60, seed + i)},
+                {"role": "assistant", "content": filler(140, seed + i + 1)}]
         if rendered(msgs + pair) + 40 > L:
             break
         msgs, i = msgs + pair, i + 2
-    msgs += [{"role": "user", "content": _filler(5, seed + i)}, {"role": "assistant", "content": ""}]
+    msgs += [{"role": "user", "content": filler(5, seed + i)}, {"role": "assistant", "content": ""}]
     words = 1
     for _ in range(6):  # the last reply fills the rest; a filler word is one token, so this converges fast
-        msgs[-1]["content"] = _filler(words, seed + i + 1)
+        msgs[-1]["content"] = filler(words, seed + i + 1)
         n = len(engine.conversation(messages=msgs).history_ids)
         if n == L:
             return msgs
@@ -183,97 +179,98 @@ def primed_conversation(engine, L: int, alora_name: str, seed: int = 0):
 
 # ---- ours ----------------------------------------------------------------------------------------------
 
-def _drain(engine, call, device: str, t0: float) -> tuple[dict, list[int]]:
-    for _ in engine.stream(call):
+def _drain(call, device: str, t0: float) -> tuple[dict, list[int]]:
+    for _ in call:
         pass
     sync(device)
     return {"ttft_s": call.first_token_at - t0, "total_s": now() - t0, "tokens": len(call.output)}, list(call.output)
 
 
 def timed_invoke(conv, name: str, n: int, device: str) -> tuple[dict, list[int]]:
-    """``conv.invoke(name)``, timed from the call to the last token (rollback included)."""
+    """``conv.invoke(name)``, timed from the call to the last token. A LoRA is timed as the switch it is: its
+    first call on this history, nothing of it in the prefix cache (the engine caches LoRA prefixes per
+    adapter, so a repeated ``conv.invoke`` would time a cache hit instead)."""
+    from alora import SamplingParams
+
+    engine = conv.engine
+    info = engine.adapter(name)
+    if info.kind == "lora":
+        history = conv.history_ids
+        prompt = (engine.invocation_prompt(name, history) if info.invocation_tokens else
+                  engine.tokenizer.apply_chat_template(conv.messages, tokenize=True, return_dict=True,
+                                                       add_generation_prompt=True)["input_ids"])
     sync(device)
     t0 = now()
-    job = conv.start_invoke(name, max_new_tokens=n)
-    for _ in conv.engine.stream(job.call):
+    if info.kind == "lora":
+        call = engine.submit(prompt, name, SamplingParams(max_new_tokens=n, ignore_eos=True), use_cache=False,
+                             expected_cached=len(history))
+    else:
+        call = conv.start_invoke(name, max_new_tokens=n, ignore_eos=True)
+    for _ in call:
         pass
-    conv.finish(job)
     sync(device)
     t1 = now()
-    s = conv.stats
-    return ({"ttft_s": job.call.first_token_at - t0, "total_s": t1 - t0, "tokens": len(job.call.output),
+    s = call.stats
+    return ({"ttft_s": call.first_token_at - t0, "total_s": t1 - t0, "tokens": len(call.output),
              "reused_tokens": s.reused_tokens, "prefill_tokens": s.prefill_tokens,
-             "recomputed_tokens": s.recomputed_tokens}, list(job.call.output))
+             "recomputed_tokens": s.recomputed_tokens}, list(call.output))
 
 
 class BaseFloor:
     """Base-model prefill of ``len(invocation)`` tokens on a cached history, then decode: the aLoRA floor."""
 
-    def __init__(self, engine, history: list[int], device: str):
-        from alora import CallStats, SamplingParams
+    salt = "base-floor"  # its own prefix-cache namespace: only the history is ever stored there
 
-        self.engine, self.L, self.device = engine, len(history), device
-        self.cache = engine.new_cache(len(history) + 64)
-        call = engine.start_call(self.cache, history, [-1] * len(history), -1, SamplingParams(max_new_tokens=0),
-                                 CallStats())
-        for _ in engine.stream(call):
+    def __init__(self, engine, history: list[int], device: str):
+        from alora import SamplingParams
+
+        self.engine, self.history, self.device = engine, history, device
+        for _ in engine.submit(history, params=SamplingParams(max_new_tokens=0), cache_salt=self.salt):
             pass
 
     def run(self, tokens: list[int], n: int) -> tuple[dict, list[int]]:
-        from alora import CallStats, SamplingParams
+        from alora import SamplingParams
 
-        self.cache.truncate(self.L)
         sync(self.device)
         t0 = now()
-        call = self.engine.start_call(self.cache, tokens, [-1] * len(tokens), -1, SamplingParams(max_new_tokens=n),
-                                      CallStats())
-        out = _drain(self.engine, call, self.device, t0)
-        self.cache.truncate(self.L)
-        return out
+        call = self.engine.submit(self.history + tokens, params=SamplingParams(max_new_tokens=n, ignore_eos=True),
+                                  cache_salt=self.salt, store=False)
+        return _drain(call, self.device, t0)
 
 
 class MergeSwap:
     """A LoRA merged into the base weights (timed), the whole prompt recomputed with no adapter, then decode."""
 
-    _KEY = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
-
     def __init__(self, engine, folder: Path, device: str):
-        from safetensors.torch import load_file
-
-        from alora.models import PROJECTION_OF
+        from alora.adapters import AdapterRegistry
 
         self.engine, self.device = engine, device
-        cfg = json.loads((folder / "adapter_config.json").read_text())
-        r, alpha = cfg["r"], cfg["lora_alpha"]
-        self.scale = alpha / r**0.5 if cfg.get("use_rslora") else alpha / r
-        pairs: dict[tuple, dict] = {}
-        for key, t in load_file(folder / "adapter_model.safetensors").items():
-            m = self._KEY.search(key)
-            pairs.setdefault(m.groups()[:3], {})[m.group(4)] = t
+        # the engine's own parser: rank/alpha patterns and (rs)LoRA scaling applied, scale folded into B
+        parsed = AdapterRegistry(engine.model, engine.tokenizer).read("merge_swap", folder)
         modules = engine.model.projections()
-        self.deltas = []  # (weight rows to update, A, B)
-        for (layer, block, proj), ab in sorted(pairs.items()):
-            module_name, part = PROJECTION_OF[proj]
-            mod = modules[f"layers.{layer}.{block}.{module_name}"]
-            r0 = sum(mod.parts[:part])
+        self.deltas = []  # (module, rows of its weight to update, A, B * scale)
+        for module_name, parts in sorted(parsed.weights.items()):
+            mod = modules[module_name]
             w = mod.weight
-            self.deltas.append((mod, r0, r0 + mod.parts[part], ab["A"].to(w.device, w.dtype), ab["B"].to(w.device, w.dtype)))
+            for part, (A, B) in sorted(parts.items()):
+                r0 = sum(mod.parts[:part])
+                self.deltas.append((mod, r0, r0 + mod.parts[part], A.to(w.device, w.dtype), B.to(w.device, w.dtype)))
         self.originals = {id(mod): (mod, mod.weight.detach().clone()) for mod, *_ in self.deltas}
 
     def run(self, prompt: list[int], n: int) -> tuple[dict, list[int]]:
-        from alora import CallStats, SamplingParams
+        from alora import SamplingParams
 
         engine = self.engine
         sync(self.device)
         t0 = now()
         with torch.no_grad():
             for mod, r0, r1, A, B in self.deltas:
-                mod.weight[r0:r1].addmm_(B, A, alpha=self.scale)
+                mod.weight[r0:r1].addmm_(B, A)
         sync(self.device)
         merge_s = now() - t0
-        cache = engine.new_cache(len(prompt) + n)
-        call = engine.start_call(cache, prompt, [-1] * len(prompt), -1, SamplingParams(max_new_tokens=n), CallStats())
-        sample, out = _drain(engine, call, self.device, t0)
+        # the merged weights are nobody else's: nothing is looked up in or stored to the prefix cache
+        call = engine.submit(prompt, params=SamplingParams(max_new_tokens=n, ignore_eos=True), use_cache=False)
+        sample, out = _drain(call, self.device, t0)
         with torch.no_grad():  # swap back (untimed): restore the exact base weights
             for mod, w in self.originals.values():
                 mod.weight.copy_(w)
@@ -340,7 +337,7 @@ def _agree(a: list[int], b: list[int], eos: frozenset) -> bool:
     return a[:k] == b[:k]
 
 
-def sweep(engine, tasks, peer, demo: dict, args, eos: frozenset) -> dict:
+def sweep(engine, tasks, peer, demo: dict, args, eos: frozenset, guard) -> dict:
     task, n = tasks[0], args.new_tokens
     methods = [m for m in METHODS if peer is not None or not m.startswith("peft")]
     merge = MergeSwap(engine, task.lora_dir, args.device)
@@ -368,9 +365,11 @@ def sweep(engine, tasks, peer, demo: dict, args, eos: frozenset) -> dict:
         outputs = {}
         for run in range(args.runs + 1):  # run 0 is the warm-up
             for m in [m for m in methods if m in fns] + [m for m in fns if m.startswith("demo:")]:
-                sample, toks = fns[m]()
-                if run > 0:
-                    raw[m].append(sample)
+                if run == 0:
+                    _, toks = fns[m]()
+                else:
+                    (sample, toks), cpu = guard.run(fns[m])
+                    raw[m].append({**sample, **cpu})
                 outputs[m] = toks
                 bar.update()
         point = {"L": L, "invocation_tokens": len(task.inv_ids), "cache_bytes": conv.cache_bytes(),
@@ -403,7 +402,7 @@ def sweep(engine, tasks, peer, demo: dict, args, eos: frozenset) -> dict:
             "points": points}
 
 
-def scaling(engine, tasks, args) -> dict:
+def scaling(engine, tasks, args, guard) -> dict:
     """k different adapters invoked one after another on one history, aLoRA vs LoRA."""
     L, k, runs = args.scaling_length, args.scaling_k, 1 if args.quick else min(args.runs, 3)
     conv = primed_conversation(engine, L, tasks[0].alora, seed=7)
@@ -414,7 +413,8 @@ def scaling(engine, tasks, args) -> dict:
         for _ in range(runs):
             times = []
             for task in tasks[:k]:
-                times.append(timed_invoke(conv, getattr(task, kind), args.new_tokens, args.device)[0]["total_s"])
+                (sample, _), _ = guard.run(timed_invoke, conv, getattr(task, kind), args.new_tokens, args.device)
+                times.append(sample["total_s"])
                 bar.update()
             per_run.append(times)
         per_adapter = [statistics.median(r[j] for r in per_run) for j in range(k)]
@@ -432,17 +432,19 @@ def chat(engine, tasks, args) -> dict:
         conv = primed_conversation(engine, args.chat_history, tasks[0].alora, seed=99)  # same start for both
         turns = []
         t_all = now()
-        for i in tqdm_range(args.chat_turns, f"chat {kind}"):
-            t0 = now()
-            for _ in conv.send(USER_TURNS[i % len(USER_TURNS)], max_new_tokens=args.chat_reply_tokens):
-                pass
-            send_s = now() - t0
-            invokes = [{"adapter": getattr(t, kind), **timed_invoke(conv, getattr(t, kind), args.new_tokens,
-                                                                    args.device)[0]}
-                       for t in tasks[: 1 + i % min(3, len(tasks))]]
-            turns.append({"turn": i + 1, "history_tokens": len(conv.history_ids), "send_s": send_s,
-                          "adapters_s": sum(x["total_s"] for x in invokes), "turn_s": now() - t0, "invokes": invokes})
-        out[kind] = {"total_s": now() - t_all, "turns": turns}
+        with OtherCpu() as cpu:
+            for i in tqdm_range(args.chat_turns, f"chat {kind}"):
+                t0 = now()
+                for _ in conv.send(USER_TURNS[i % len(USER_TURNS)], max_new_tokens=args.chat_reply_tokens):
+                    pass
+                send_s = now() - t0
+                invokes = [{"adapter": getattr(t, kind), **timed_invoke(conv, getattr(t, kind), args.new_tokens,
+                                                                        args.device)[0]}
+                           for t in tasks[: 1 + i % min(3, len(tasks))]]
+                turns.append({"turn": i + 1, "history_tokens": len(conv.history_ids), "send_s": send_s,
+                              "adapters_s": sum(x["total_s"] for x in invokes), "turn_s": now() - t0,
+                              "invokes": invokes})
+        out[kind] = {"total_s": now() - t_all, "turns": turns, "other_cpu_cores": round(cpu.cores, 3)}
     out["lora/alora total"] = out["lora"]["total_s"] / out["alora"]["total_s"]
     return out
 
@@ -567,8 +569,7 @@ def main() -> None:
     import alora
 
     engine = alora.Engine.from_pretrained(args.model, device=args.device)
-    eos = engine.eos_token_ids
-    engine.eos_token_ids = frozenset()  # every call emits exactly the tokens asked for
+    eos = engine.eos_token_ids  # timed calls ignore it (ignore_eos): each emits exactly the tokens asked for
     cfg = engine.config
     margin = 8 + 2 * args.new_tokens
     args.lengths = args.lengths or default_lengths(args.device, cfg.max_position_embeddings, margin)
@@ -593,6 +594,7 @@ def main() -> None:
             except (ValueError, OSError) as e:
                 print(f"skipping demo adapter {name}: {e}", file=sys.stderr)
         peer = None if args.skip_peer else Peer(engine.model_path, tasks[0], args.device, engine.dtype)
+        guard = guard_from_args(args)
         t_start = now()
         result = {
             "benchmark": "switch_latency", "quick": args.quick, "machine": machine_info(args.device),
@@ -610,14 +612,16 @@ def main() -> None:
                                  "(ours: rollback included; merge_swap: merge included, unmerge excluded; "
                                  "peft_alora: the DynamicCache deepcopy excluded, reported as copy_s)"},
         }
-        result["sweep"] = sweep(engine, tasks, peer, demo, args, eos)
+        result["sweep"] = sweep(engine, tasks, peer, demo, args, eos, guard)
         del peer
-        result["scaling"] = scaling(engine, tasks, args)
+        result["scaling"] = scaling(engine, tasks, args, guard)
         result["chat"] = chat(engine, tasks, args)
         result["memory"] = memory(result["sweep"], args.scaling_k)
         result["wall_s"] = now() - t_start
+        result["cpu_guard"] = guard.summary()
     write_json(paths["json"], result)
     report(result, paths)
+    guard.report()
 
 
 if __name__ == "__main__":
