@@ -175,6 +175,8 @@ class Conversation:
         """Fan-out: run several adapters on the history at once, batched in the same steps over the one
         cached base prefix; returns their outputs. The history is unchanged."""
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, stop, seed)
+        for name in adapters:  # every name is checked before any call starts
+            self.engine.adapter(name)
         with self._lock:
             self._close_pending()
             self._wait_closing()

@@ -70,3 +70,15 @@ def tiny_dirs(tmp_path_factory, default_dir) -> dict[str, Path]:
                 shutil.copy(f, folder / f.name)
         out[name] = folder
     return out
+
+
+@pytest.fixture(scope="session")
+def template_opening(default_dir) -> int:
+    """Tokens every chat of the default model begins with (the template's default system prompt and the
+    user turn's header): the prefix cache shares them between unrelated conversations."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_dir)
+    a, b = (tok.apply_chat_template([{"role": "user", "content": t}], tokenize=True, return_dict=True)["input_ids"]
+            for t in ("Hi again.", "Bye."))
+    return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)

@@ -21,4 +21,4 @@ def test_python_api_example_runs_as_pasted(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     # the stats are printed on a line of their own, after the streamed reply and the title
-    assert re.search(r"^\w+\(prefill_tokens=\d+, reused_tokens=\d+", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^\w+\(prompt_tokens=\d+, prefill_tokens=\d+, reused_tokens=\d+", proc.stdout, re.M), proc.stdout

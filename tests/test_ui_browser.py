@@ -110,7 +110,7 @@ def select_adapter(page, label_start: str):
     page.locator(f'#adapter li[role="option"][aria-label^="{label_start}"]').click()
 
 
-def test_chat_switch_adapters_and_load_in_browser(server, browser):
+def test_chat_switch_adapters_and_load_in_browser(server, browser, template_opening):
     ARTIFACTS.mkdir(exist_ok=True)
     page = open_page(browser, server.url)
 
@@ -171,7 +171,7 @@ def test_chat_switch_adapters_and_load_in_browser(server, browser):
     assert bot_texts(other) == []
     run_and_wait(other, lambda: type_and_send(other, "Hi from the second tab."))
     assert user_texts(other) == ["Hi from the second tab."] and len(bot_texts(other)) == 1
-    assert stat(other, "reused_tokens") == 0
+    assert stat(other, "reused_tokens") <= template_opening  # none of the first tab's history
     assert len(user_texts(page)) == 3
 
     # 7. Stop ends a long reply early and keeps what was generated
