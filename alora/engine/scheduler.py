@@ -1,7 +1,8 @@
 """The scheduler: one thread owns the model's forward; calls join and leave at any step.
 
 Each step packs one token of every decoding call and prefill chunks of the others under a token budget
-(small while anyone is decoding, so their tokens keep flowing; large when only prompts wait), base and
+(while anyone is decoding, what fits in a target step time by the measured costs, so their tokens keep
+flowing; large when only prompts wait), base and
 adapter tokens of all calls in one forward. The scheduler owns a call's whole lifecycle: admission (a KV
 buffer from the pool, the longest cached prefix copied in), steps, cancellation, preemption (by recompute,
 when the pool cannot grow a buffer), and the end (the call's storable prefix handed to the prefix cache,
@@ -23,8 +24,9 @@ from alora.errors import EngineClosedError, QueueFullError
 
 
 class Scheduler:
-    decode_step_tokens = 128  # token budget of a step while some call is decoding (inter-token latency)
-    prefill_step_tokens = 2048  # token budget of a step with prompts only
+    step_target_s = 0.2  # a step's duration while some call is decoding: the streams' inter-token gap
+    prefill_step_tokens = 2048  # token budget of a step with prompts only (and the most a step ever takes)
+    min_prefill_chunk = 16
     max_running = 64
     grow_tokens = 64  # a buffer grows by at least this many positions (and at least by half)
 
@@ -44,6 +46,9 @@ class Scheduler:
         self.finished_by_adapter: Counter[str] = Counter()
         self.preemptions = 0
         self.steps = 0
+        # measured costs (moving averages) that size the prefill chunks of a step with decodes in it
+        self.decode_row_s = 0.05  # seconds a step takes per decoding call
+        self.prefill_token_s = 0.002  # seconds it takes per prefill token on top of that
 
     # ---- any thread ------------------------------------------------------------------------------------
 
@@ -106,7 +111,7 @@ class Scheduler:
             for c in [c for c in (*self.waiting, *self.running) if c.cancelled]:
                 self._finish(c, "cancelled")
         decoding = [c for c in self.running if len(c.tokens) - c.seq.length == 1 and c.output]
-        budget = max(16, (self.decode_step_tokens if decoding else self.prefill_step_tokens) - len(decoding))
+        budget = self._prefill_budget(len(decoding))
         feeds: list[tuple[Call, int]] = [(c, 1) for c in decoding]
         for c in self.running:
             if c not in decoding and budget > 0:
@@ -134,7 +139,9 @@ class Scheduler:
             start = c.seq.length
             toks = c.tokens[start:start + n]
             batch.append((c.seq, toks, [c.slot_of(i) for i in range(start, start + n)]))
+        started = time.perf_counter()
         logits = self.runner.run(batch, [c.all_logits for c, _ in feeds])
+        self._measure(time.perf_counter() - started, len(decoding), sum(n for _, n in feeds) - len(decoding))
         self.steps += 1
         for (c, _), row in zip(feeds, logits):
             if c.all_logits:
@@ -145,6 +152,23 @@ class Scheduler:
                 except Exception as e:  # e.g. a logits processor: this call fails, the others go on
                     c.error = e
                     self._finish(c, "error", store=False)
+
+    def _prefill_budget(self, decode_rows: int) -> int:
+        """Prompt tokens this step may take: as many as fit in ``step_target_s`` beside the decoding calls
+        (chunked prefill: their tokens keep flowing while a long prompt comes in), all it can when none
+        decodes."""
+        if not decode_rows:
+            return self.prefill_step_tokens
+        spare = self.step_target_s - self.decode_row_s * decode_rows
+        return int(min(self.prefill_step_tokens, max(self.min_prefill_chunk, spare / self.prefill_token_s)))
+
+    def _measure(self, seconds: float, decode_rows: int, prefill_tokens: int, weight: float = 0.3) -> None:
+        """Update the step cost model from one forward (and its sampling) that took ``seconds``."""
+        if prefill_tokens == 0 and decode_rows:
+            self.decode_row_s += weight * (seconds / decode_rows - self.decode_row_s)
+        elif prefill_tokens >= self.min_prefill_chunk:
+            per_token = max(1e-6, (seconds - self.decode_row_s * decode_rows) / prefill_tokens)
+            self.prefill_token_s += weight * (per_token - self.prefill_token_s)
 
     def _admit(self, call: Call) -> bool:
         """Give the first waiting call a buffer with its longest cached prefix; False if memory is short."""
