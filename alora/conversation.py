@@ -16,15 +16,12 @@ from __future__ import annotations
 import copy
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, AsyncIterator, Iterator, Sequence
+from typing import AsyncIterator, Iterator, Sequence
 
 from alora.engine.kv_pool import common_prefix
 from alora.engine.request import Call, CallStats
 from alora.engine.sampling import SamplingParams
 from alora.errors import ContextOverflowError, ConversationBusyError, EngineClosedError
-
-if TYPE_CHECKING:
-    from alora.engine import Engine
 
 STATE_VERSION = 1
 
@@ -52,7 +49,8 @@ class _Pending:
 
 
 class Conversation:
-    """Chat whose history's base KV every adapter call reuses. Create with ``Engine.conversation()``.
+    """Chat whose history's base KV every adapter call reuses. Create with ``Engine.conversation()``; it talks
+    to its ``engine`` through the engine's public methods only (``submit``, ``adapter``, ``cached_prefix``).
 
     ``overflow`` is the policy when a call would not fit the context: ``"error"`` (default) raises
     ``ContextOverflowError`` and leaves the conversation as it was; ``"drop_oldest"`` drops whole exchanges
@@ -62,7 +60,7 @@ class Conversation:
 
     close_turn_limit = 64  # uncached history tokens computed eagerly when a turn ends
 
-    def __init__(self, engine: "Engine", system: str | None = None, messages: list[dict] | None = None,
+    def __init__(self, engine, system: str | None = None, messages: list[dict] | None = None,
                  cache_salt: str | None = None, overflow: str = "error"):
         if overflow not in ("error", "drop_oldest"):
             raise ValueError(f"overflow must be 'error' or 'drop_oldest', got {overflow!r}")
@@ -122,7 +120,7 @@ class Conversation:
                           for t in self._turns]}
 
     @classmethod
-    def from_dict(cls, engine: "Engine", state: dict) -> "Conversation":
+    def from_dict(cls, engine, state: dict) -> "Conversation":
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError(f"not a saved conversation of version {STATE_VERSION}: {str(state)[:80]!r}")
         conv = cls(engine, cache_salt=state.get("cache_salt"), overflow=state.get("overflow", "error"))

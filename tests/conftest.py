@@ -44,7 +44,7 @@ def default_dir() -> Path:
 def engine(default_dir):
     import alora
 
-    return alora.Engine.from_pretrained(default_dir)
+    return alora.Engine.from_pretrained(default_dir, device="cpu", dtype="float32")  # parity runs on CPU in float32, GPU or not
 
 
 @pytest.fixture(scope="session")

@@ -77,7 +77,7 @@ def test_alora_uses_last_occurrence_and_is_off_without_invocation(fresh, default
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "granite", "qwen2", "qwen3"])
 def test_tiny_architectures_match_peft(arch, tiny_dirs, tmp_path):
-    eng = alora.Engine.from_pretrained(tiny_dirs[arch])
+    eng = alora.Engine.from_pretrained(tiny_dirs[arch], device="cpu", dtype="float32")
     inv = [1, 5248, 198]
     peft_model = make_adapter(tiny_dirs[arch], tmp_path, seed=5, invocation=inv,
                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",

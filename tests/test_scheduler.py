@@ -126,7 +126,7 @@ def test_alora_reuses_base_prefix_and_leaves_it_clean(engine, adapters):
     assert alora_call.stats.reused_tokens == len(history) - 1  # all but the last token, fed by the base call
     carried = history + inv["judge"] + alora_call.output_ids + _chat_ids(engine, "Thanks.")[-6:]
     warm = [_run(engine, ids, n=4, salt="clean")[1] for ids in (history + _chat_ids(engine, "More?")[-6:], carried)]
-    fresh = alora.Engine.from_pretrained(engine.model_path, kv_cache_gb=0.5)
+    fresh = alora.Engine.from_pretrained(engine.model_path, device="cpu", dtype="float32", kv_cache_gb=0.5)
     try:
         cold = [_run(fresh, ids, n=4)[1] for ids in (history + _chat_ids(engine, "More?")[-6:], carried)]
     finally:
@@ -178,8 +178,8 @@ def test_fan_out_equals_separate_invokes(engine, adapters):
 def test_tiny_budget_evicts_and_preempts_but_every_call_completes(default_dir):
     """A pool that holds two or three calls: all complete with their unconstrained outputs; capacity never
     exceeds the budget; idle entries were evicted and running calls preempted (recomputed)."""
-    big = alora.Engine.from_pretrained(default_dir)
-    small = alora.Engine.from_pretrained(default_dir, kv_cache_gb=200 * 46080 / 2**30)  # 200 positions
+    big = alora.Engine.from_pretrained(default_dir, device="cpu", dtype="float32")
+    small = alora.Engine.from_pretrained(default_dir, device="cpu", dtype="float32", kv_cache_gb=200 * 46080 / 2**30)  # 200 positions
     try:
         prompts = [_chat_ids(big, p) for p in PROMPTS]
         expected = [_run(big, ids, n=30)[0].output_ids for ids in prompts]
@@ -205,7 +205,7 @@ def test_tiny_budget_evicts_and_preempts_but_every_call_completes(default_dir):
 
 
 def test_queue_limit(default_dir):
-    eng = alora.Engine.from_pretrained(default_dir, max_queue=1)
+    eng = alora.Engine.from_pretrained(default_dir, device="cpu", dtype="float32", max_queue=1)
     try:
         ids = _chat_ids(eng, "Hello.")
         calls = []
@@ -329,7 +329,7 @@ def test_partly_read_stream_at_exit_is_clean(default_dir):
 def test_context_overflow_policy(tiny_dirs, policy):
     """A full context: "error" raises and leaves the conversation as it was; "drop_oldest" drops whole early
     exchanges after the system prompt, says so in the stats, and the history is the template's rendering."""
-    eng = alora.Engine.from_pretrained(tiny_dirs["llama"])  # a 512-token context
+    eng = alora.Engine.from_pretrained(tiny_dirs["llama"], device="cpu", dtype="float32")  # a 512-token context
     try:
         conv = eng.conversation(system="Be brief.", overflow=policy)
         long = " ".join(["word"] * 120)

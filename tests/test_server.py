@@ -82,7 +82,7 @@ def folders(tmp_path_factory, default_dir) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def srv_engine(default_dir, folders):
     """The server's own engine (not the session's): the demo aLoRAs and the LoRA 'lora'."""
-    engine = alora.Engine.from_pretrained(default_dir, max_queue=64)
+    engine = alora.Engine.from_pretrained(default_dir, device="cpu", dtype="float32", max_queue=64)
     alora.load_demo_adapters(engine)
     engine.load_adapter("lora", folders["lora"])
     yield engine
@@ -354,7 +354,7 @@ def test_a_tiny_kv_budget_evicts_but_every_request_completes(default_dir, srv_en
     """A pool for ~2.5 of the six histories: all requests complete, capacity never exceeds the budget."""
     c = srv_engine.config
     per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.empty((), dtype=srv_engine.dtype).element_size()
-    engine = alora.Engine.from_pretrained(default_dir, kv_cache_gb=450 * per_token / 1e9)
+    engine = alora.Engine.from_pretrained(default_dir, device="cpu", dtype="float32", kv_cache_gb=450 * per_token / 1e9)
     samples, stop = [], threading.Event()
     try:
         with serving(create_app(engine)) as u:

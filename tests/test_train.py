@@ -47,7 +47,7 @@ def test_reader_reads_good_rows(tmp_path):
 def tiny(tiny_dirs):
     import alora
 
-    return tiny_dirs["llama"], alora.Engine.from_pretrained(tiny_dirs["llama"])
+    return tiny_dirs["llama"], alora.Engine.from_pretrained(tiny_dirs["llama"], device="cpu", dtype="float32")
 
 
 def test_example_tokens_are_what_invoke_feeds(tiny):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from pathlib import Path
@@ -26,8 +27,6 @@ def default_kv_cache_gb(device: torch.device) -> float:
         free, _ = torch.cuda.mem_get_info(device)
         return 0.3 * free / 2**30
     try:
-        import os
-
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         ram = 16 * 2**30

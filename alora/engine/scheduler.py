@@ -112,21 +112,23 @@ class Scheduler:
                 self._finish(c, "cancelled")
         decoding = [c for c in self.running if len(c.tokens) - c.seq.length == 1 and c.output]
         budget = self._prefill_budget(len(decoding))
-        feeds: list[tuple[Call, int]] = [(c, 1) for c in decoding]
-        for c in self.running:
-            if c not in decoding and budget > 0:
-                n = min(len(c.tokens) - c.seq.length, budget)
-                feeds.append((c, n))
-                budget -= n
-        while budget > 0 and len(self.running) < self.max_running:
+        admitting = budget  # waiting calls are admitted (FIFO) while their uncached prompts fit in one step
+        while admitting > 0 and len(self.running) < self.max_running:
             with self._cond:
                 if not self.waiting:
                     break
                 call = self.waiting[0]
             if not self._admit(call):
                 break
-            n = min(len(call.tokens) - call.seq.length, budget)
-            feeds.append((call, n))
+            admitting -= len(call.tokens) - call.seq.length
+        # prompts are fed shortest remaining first, so a short call (an aLoRA's invocation on a cached history)
+        # never waits behind a long prompt's chunks; the long one takes what the step has left
+        feeds: list[tuple[Call, int]] = [(c, 1) for c in decoding]
+        for c in sorted((c for c in self.running if c not in decoding), key=lambda c: len(c.tokens) - c.seq.length):
+            if budget <= 0:
+                break
+            n = min(len(c.tokens) - c.seq.length, budget)
+            feeds.append((c, n))
             budget -= n
         for c, n in feeds:
             if c.seq is not None:
@@ -272,5 +274,6 @@ class Scheduler:
         s.ttft_s = first - c.submitted
         s.total_s = now - c.submitted
         s.decode_tokens_per_s = (len(c.output) - 1) / (now - first) if len(c.output) > 1 and now > first else 0.0
-        self.finished_by_adapter[s.adapter or ""] += 1
+        if c.params.max_new_tokens:  # prefill-only calls warm the cache (a turn's end, fan-out): not requests
+            self.finished_by_adapter[s.adapter or ""] += 1
         c.push(Event(text + c.stop.flush(), (token,) if token is not None else (), logprobs, reason))
