@@ -147,6 +147,9 @@ def stats_html(stats: alora.CallStats | None, *, adapter: str | None = None, kin
         parts.append(f"<table><thead><tr><th></th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
         if stopped:
             parts.append('<div class="mode">Stopped: the partial reply was kept in the conversation.</div>')
+        elif not running and stats.finish_reason == "length":
+            parts.append(f'<div class="mode" data-cut="1">Cut at the limit of {stats.decode_tokens} new tokens: raise '
+                         '"Max new tokens" for longer replies.</div>')
     if comparing:
         parts.append('<div class="speedup">Running the same request the standard way for comparison…</div>')
     if baseline is not None:
@@ -164,7 +167,9 @@ def compare_text(stats: alora.CallStats | None, baseline: Baseline) -> str:
     ratio = f" ({b.ttft_s / a.ttft_s:.1f}× faster to first token)" if a.ttft_s > 0 and b.ttft_s > 0 else ""
     return (f"Time to first token: <b>{a.ttft_s * 1000:.0f} ms</b> with the aLoRA reusing the cache "
             f"({a.prefill_tokens} tokens prefilled) vs <b>{b.ttft_s * 1000:.0f} ms</b> the standard way "
-            f"({b.prefill_tokens} prefilled){ratio}; total {a.total_s:.2f} s vs {b.total_s:.2f} s.")
+            f"({b.prefill_tokens} prefilled){ratio}; total {a.total_s:.2f} s for {a.decode_tokens} tokens vs "
+            f"{b.total_s:.2f} s for {b.decode_tokens}"
+            + (" (different lengths: the totals are not comparable)." if a.decode_tokens != b.decode_tokens else "."))
 
 
 def stats_json(stats: alora.CallStats | None, *, adapter: str | None = None, kind: str | None = None,

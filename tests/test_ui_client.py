@@ -292,7 +292,8 @@ def test_chat_adapters_stats_and_loading(server, adapters_dir, template_opening)
 
     chat, html, raw, side = client.predict("", api_name="/clear")
     assert chat == [] and side == "" and "cleared" in html
-    chat, _, raw, _ = send(client, "Hi again.", max_tokens=2)
+    chat, html, raw, _ = send(client, "Hi again.", max_tokens=2)
+    assert raw["call"]["finish_reason"] == "length" and 'data-cut="1"' in html  # a cut reply says so
     # nothing of the cleared history is reused: at most the template's opening, which every chat shares
     assert [r for r, _ in chat] == ["user", "assistant"] and raw["call"]["reused_tokens"] <= template_opening
 
