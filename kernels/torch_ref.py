@@ -39,15 +39,13 @@ def slot_runs(slot: torch.Tensor | list[int], num_slots: int) -> dict[int, list[
 
 def mixed_lora_linear_torch(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
                             B: torch.Tensor, scale: torch.Tensor, slot: torch.Tensor,
-                            runs: dict[int, list[tuple[int, int]]] | None = None) -> torch.Tensor:
+                            runs: dict[int, list[tuple[int, int]]]) -> torch.Tensor:
     """``y[t] = x[t]·Wᵀ (+ bias) + scale[s]·(x[t]·A[s]ᵀ)·B[s]ᵀ`` with ``s = slot[t]`` (nothing added where s < 0).
 
-    Shapes are assumed valid (``alora_kernels.mixed_lora_linear`` checks them). ``runs`` is
-    ``slot_runs(slot, S)`` when the caller has it already (one forward's projections share one slot map).
+    Shapes, slots and ``runs`` (``slot_runs(slot, S)``) are assumed valid: ``alora_kernels.mixed_lora_linear``
+    checks them.
     """
     y = F.linear(x, W, bias)
-    if runs is None:
-        runs = slot_runs(slot, A.shape[0])
     if not runs:
         return y
     scales = scale.tolist()

@@ -94,6 +94,16 @@ class Call:
         """Prompt then output: the sequence whose KV the call builds."""
         return self.prompt + self.output
 
+    @property
+    def pending(self) -> int:
+        """Tokens of that sequence not yet in the call's KV buffer (1 while decoding)."""
+        return len(self.prompt) + len(self.output) - self.seq.length
+
+    def tokens_at(self, start: int, n: int) -> list[int]:
+        """``tokens[start:start + n]`` without building the whole sequence (this runs every step)."""
+        p = len(self.prompt)
+        return self.prompt[start:start + n] + self.output[max(0, start - p):max(0, start + n - p)]
+
     def slot_of(self, i: int) -> int:
         return self.slots[i] if i < len(self.prompt) else self.decode_slot
 
@@ -132,8 +142,7 @@ class Call:
             i += len(batch)
             for ev in batch:
                 yield ev
-                if ev.finish_reason is not None:
-                    self._raise_error()
+                if self._ends(ev):
                     return
 
     async def aiter(self) -> AsyncIterator[Event]:
@@ -152,13 +161,16 @@ class Call:
             i += len(batch)
             for ev in batch:
                 yield ev
-                if ev.finish_reason is not None:
-                    self._raise_error()
+                if self._ends(ev):
                     return
 
-    def _raise_error(self) -> None:
+    def _ends(self, ev: Event) -> bool:
+        """Whether ``ev`` is the last event; a failed call raises its error there."""
+        if ev.finish_reason is None:
+            return False
         if self.error is not None:
             raise self.error
+        return True
 
     @property
     def output_ids(self) -> list[int]:

@@ -110,7 +110,7 @@ class Scheduler:
         with self._cond:
             for c in [c for c in (*self.waiting, *self.running) if c.cancelled]:
                 self._finish(c, "cancelled")
-        decoding = [c for c in self.running if len(c.tokens) - c.seq.length == 1 and c.output]
+        decoding = [c for c in self.running if c.pending == 1 and c.output]
         budget = self._prefill_budget(len(decoding))
         admitting = budget  # waiting calls are admitted (FIFO) while their uncached prompts fit in one step
         while admitting > 0 and len(self.running) < self.max_running:
@@ -120,14 +120,14 @@ class Scheduler:
                 call = self.waiting[0]
             if not self._admit(call):
                 break
-            admitting -= len(call.tokens) - call.seq.length
+            admitting -= call.pending
         # prompts are fed shortest remaining first, so a short call (an aLoRA's invocation on a cached history)
         # never waits behind a long prompt's chunks; the long one takes what the step has left
         feeds: list[tuple[Call, int]] = [(c, 1) for c in decoding]
-        for c in sorted((c for c in self.running if c not in decoding), key=lambda c: len(c.tokens) - c.seq.length):
+        for c in sorted((c for c in self.running if c not in decoding), key=lambda c: c.pending):
             if budget <= 0:
                 break
-            n = min(len(c.tokens) - c.seq.length, budget)
+            n = min(c.pending, budget)
             feeds.append((c, n))
             budget -= n
         for c, n in feeds:
@@ -139,7 +139,7 @@ class Scheduler:
         batch = []
         for c, n in feeds:
             start = c.seq.length
-            toks = c.tokens[start:start + n]
+            toks = c.tokens_at(start, n)
             batch.append((c.seq, toks, [c.slot_of(i) for i in range(start, start + n)]))
         started = time.perf_counter()
         logits = self.runner.run(batch, [c.all_logits for c, _ in feeds])
@@ -148,7 +148,7 @@ class Scheduler:
         for (c, _), row in zip(feeds, logits):
             if c.all_logits:
                 c.logits_rows.append(row.float().cpu())
-            if c.seq.length == len(c.tokens):  # the whole sequence is in: sample its next token
+            if c.pending == 0:  # the whole sequence is in: sample its next token
                 try:
                     self._advance(c, row[-1] if c.all_logits else row)
                 except Exception as e:  # e.g. a logits processor: this call fails, the others go on
