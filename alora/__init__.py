@@ -5,7 +5,8 @@ from alora.conversation import Conversation
 from alora.demo import demo_adapters, load_demo_adapters
 from alora.engine import Call, CallStats, Engine, Event, SamplingParams, TokenLogprob
 from alora.errors import (AdapterInUseError, AloraError, ContextOverflowError, ConversationBusyError,
-                          QueueFullError, UnknownAdapterError)
+                          InvalidSchemaError, QueueFullError, UnknownAdapterError)
+from alora.intrinsics import Intrinsic, IntrinsicError
 from alora.models import UnsupportedModelError
 from alora.safetensors_io import CheckpointError
 
@@ -13,5 +14,6 @@ __all__ = [
     "Engine", "Conversation", "Call", "CallStats", "Event", "TokenLogprob", "SamplingParams", "AdapterInfo",
     "demo_adapters", "load_demo_adapters", "AloraError", "UnknownAdapterError", "AdapterError", "AdapterInUseError",
     "CheckpointError", "ContextOverflowError", "ConversationBusyError", "QueueFullError", "UnsupportedModelError",
+    "InvalidSchemaError", "Intrinsic", "IntrinsicError",
 ]
 __version__ = "0.1.0"

@@ -32,7 +32,9 @@ from alora.safetensors_io import CheckpointError, SafetensorsIndex, refuse_pickl
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 RUNTIME_FILE = "alora_runtime.json"  # optional: {"invocation": "..."} for a LoRA trained with a prompt suffix
-_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp|shared_mlp)\.(\w+_proj|input_linear|output_linear)"
+                  r"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+_MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj", "input_linear", "output_linear")
 
 
 _uids = itertools.count(1)
@@ -232,11 +234,15 @@ class AdapterRegistry:
         weights: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         ranks: dict[tuple[str, int], int] = {}
         for (layer, proj), ab in sorted(pairs.items()):
-            where = f"layers.{layer}.{'mlp' if proj in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}"
+            where = f"layers.{layer}.{'mlp' if proj in _MLP_PROJECTIONS else 'self_attn'}"
             if set(ab) != {"A", "B"}:
                 raise AdapterError(f"{path}: {where}.{proj} has lora_{''.join(ab)} without its pair")
             module_name, part = PROJECTION_OF[proj]
             module = self._modules[f"{where}.{module_name}"]
+            if part >= len(module.parts) or (proj in ("input_linear", "output_linear")) != self.model.config.fused_gate_up \
+                    and module_name == "gate_up_proj":
+                raise AdapterError(f"{path}: {where}.{proj}: this model has no such projection "
+                                   "(an adapter of another architecture?)")
             in_f, out_f = module.in_features, module.parts[part]
             A, B = ab["A"], ab["B"]
             r = A.shape[0] if A.dim() == 2 else -1

@@ -16,12 +16,13 @@ from __future__ import annotations
 import copy
 import threading
 from dataclasses import dataclass
-from typing import AsyncIterator, Iterator, Sequence
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 from alora.engine.kv_pool import common_prefix
 from alora.engine.request import Call, CallStats
 from alora.engine.sampling import SamplingParams
 from alora.errors import ContextOverflowError, ConversationBusyError, EngineClosedError
+from alora.intrinsics import TOP_LOGPROBS
 
 STATE_VERSION = 1
 
@@ -144,27 +145,29 @@ class Conversation:
     # ---- calls ----------------------------------------------------------------------------------------
 
     def send(self, text: str, adapter: str | None = None, *, max_new_tokens: int = 256, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] | str = (), seed: int | None = None
-             ) -> Iterator[str]:
+             top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] | str = (), seed: int | None = None,
+             json_schema: dict | str | bool | None = None) -> Iterator[str]:
         """Add a user message and stream the reply's text deltas; the reply joins the history.
 
         With ``adapter`` an aLoRA is invoked after the message (base history reused), a LoRA runs on the
         history under its weights. The call starts at once and runs whether or not the stream is read;
-        closing the stream early keeps the part read so far.
+        closing the stream early keeps the part read so far. ``json_schema``: the reply is decoded under it
+        (structured output; ``True``: any JSON object); a schema that does not compile raises
+        ``InvalidSchemaError`` before anything changes.
         """
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, stop, seed)
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, stop, seed, json_schema=json_schema)
         return self._stream(self._start_send(text, adapter, params))
 
     def invoke(self, adapter: str, keep: bool = False, *, max_new_tokens: int = 256, temperature: float = 0.0,
-               top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] | str = (), seed: int | None = None
-               ) -> Iterator[str]:
+               top_k: int = 0, top_p: float = 1.0, stop: Sequence[str] | str = (), seed: int | None = None,
+               json_schema: dict | str | bool | None = None) -> Iterator[str]:
         """Run ``adapter`` on the conversation now and stream its output.
 
         An aLoRA appends its invocation after the cached history and prefills only that; a LoRA computes
         the whole history under its weights (cached per adapter). The history is unchanged unless
-        ``keep=True``, which appends the output (after the invocation) to it.
+        ``keep=True``, which appends the output (after the invocation) to it. ``json_schema`` as in ``send``.
         """
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, stop, seed)
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, stop, seed, json_schema=json_schema)
         return self._stream(self._start_invoke(adapter, keep, params))
 
     def invoke_many(self, adapters: Sequence[str], *, max_new_tokens: int = 256, temperature: float = 0.0,
@@ -191,6 +194,49 @@ class Conversation:
             if calls:
                 self._stats = calls[-1].stats
             return texts
+
+    def run_intrinsic(self, name: str, /, **fields) -> Any:
+        """Run intrinsic ``name`` (``Engine.load_intrinsic``) on the conversation now and return its result,
+        e.g. ``{"answerability_likelihood": 0.93}``.
+
+        As IBM's clients call one: its io.yaml ``instruction`` (placeholders filled from ``fields``) is
+        appended as a user message, the adapter runs on the cached history (an aLoRA prefills the instruction
+        only, a LoRA recomputes the history), the output is decoded under its ``response_format`` with the
+        top logprobs, and its ``transformations`` turn those into the result. The history is unchanged;
+        ``stats`` describes the call.
+        """
+        call = self.start_intrinsic(name, **fields)
+        call.wait()
+        return self.engine.intrinsic(name).result(call, self.engine.token_text)
+
+    def start_intrinsic(self, name: str, /, **fields) -> Call:
+        """Start ``run_intrinsic`` and return its call; ``engine.intrinsic(name).result(call,
+        engine.token_text)`` reads the result once it has finished."""
+        spec = self.engine.intrinsic(name)
+        info = self.engine.adapter(name)
+        params = SamplingParams(spec.max_new_tokens, temperature=float(spec.parameters.get("temperature") or 0.0),
+                                json_schema=spec.response_format,
+                                logprobs=TOP_LOGPROBS if spec.needs_logprobs else None)
+        with self._lock:
+            self._close_pending()
+            self._wait_closing()
+            history = self._history_ids()
+            last = self._turns[-1].message["content"] if self._turns else None
+            instruction = spec.instruction_text(last, fields)
+            if instruction is None:
+                prompt = self._invoke_prompt(name, history)[0]
+            else:
+                self._turns.append(Turn({"role": "user", "content": instruction}))
+                try:
+                    prompt = self._history_ids(generation_prompt=True)
+                finally:
+                    self._turns.pop()
+                if info.kind == "alora":
+                    prompt = self.engine.activation_prompt(name, prompt) or self.engine.invocation_prompt(name, prompt)
+            call = self.engine.submit(prompt, name, params, self.cache_salt,
+                                      expected_cached=common_prefix(self._computed, history))
+            self._stats = call.stats
+            return call
 
     def start_send(self, text: str, adapter: str | None = None, **sampling) -> Call:
         """Start ``send`` and return its call (its output joins the history when it ends); for

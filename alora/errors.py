@@ -33,3 +33,7 @@ class AdapterInUseError(AloraError, RuntimeError):
 
 class EngineClosedError(AloraError, RuntimeError):
     """The engine has been shut down (``Engine.shutdown``, or the interpreter is exiting)."""
+
+
+class InvalidSchemaError(AloraError, ValueError):
+    """A structured-output JSON schema that is not valid JSON or that the grammar compiler rejects."""

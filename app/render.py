@@ -174,27 +174,59 @@ def compare_text(stats: alora.CallStats | None, baseline: Baseline) -> str:
 
 def stats_json(stats: alora.CallStats | None, *, adapter: str | None = None, kind: str | None = None,
                action: str = "send", stopped: bool = False, baseline: Baseline | None = None,
-               error: str | None = None, call: int = 0) -> dict:
-    """The same facts as the panel, for the raw view and API clients."""
+               error: str | None = None, call: int = 0, result=None) -> dict:
+    """The same facts as the panel, for the raw view and API clients (``result``: an intrinsic's)."""
     out: dict = {"call_id": call, "action": action, "adapter": adapter, "kind": kind, "stopped": stopped}
     if stats is not None:
         out["call"] = dataclasses.asdict(stats)
     if baseline is not None:
         out["baseline"] = {"label": baseline.label, "adapter": baseline.adapter, "error": baseline.error,
                            "stats": dataclasses.asdict(baseline.stats) if baseline.stats else None}
+    if result is not None:
+        out["result"] = result
     if error:
         out["error"] = error
     return out
 
 
 def side_html(name: str, kind: str | None, text: str, *, running: bool = False, keep: bool = False,
-              error: str | None = None) -> str:
-    """The intrinsic side panel: which adapter ran and what it said."""
+              error: str | None = None, result=None) -> str:
+    """The intrinsic side panel: which adapter ran, what it said and, for an io.yaml intrinsic, its result
+    (likelihoods as bars)."""
     head = escape(name + (SEP + KIND[kind] if kind else ""))
     state = " (running…)" if running else (" (kept in chat)" if keep else " (chat history unchanged)")
     body = f'<div class="error" data-error="1">⚠ {escape(error)}</div>' if error else ""
     return (f'<div class="side-panel" data-adapter="{escape(name)}" data-running="{int(running)}">'
-            f"<b>{head}</b>{escape(state)}<pre data-output=\"1\">{escape(text)}</pre>{body}</div>")
+            f"<b>{head}</b>{escape(state)}{result_html(result)}<pre data-output=\"1\">{escape(text)}</pre>"
+            f"{body}</div>")
+
+
+def result_html(result) -> str:
+    """An intrinsic's result: each number in [0, 1] (a likelihood) as a labelled bar, other fields as text."""
+    if result is None:
+        return ""
+    rows = []
+    for path, value in _leaves(result, ()):
+        label = escape(".".join(map(str, path)) or "result")
+        if isinstance(value, float) and 0.0 <= value <= 1.0:
+            rows.append(f'<div class="likelihood" data-field="{label}" data-value="{value:.4f}">{label}: '
+                        f'<span class="bar" style="display:inline-block;width:120px;background:#ddd">'
+                        f'<span style="display:block;width:{100 * value:.1f}%;background:#3b82f6">&nbsp;</span>'
+                        f"</span> {100 * value:.0f}%</div>")
+        else:
+            rows.append(f'<div class="field" data-field="{label}">{label}: {escape(str(value))}</div>')
+    return f'<div class="result" data-result="1">{"".join(rows)}</div>'
+
+
+def _leaves(value, path: tuple):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _leaves(v, (*path, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _leaves(v, (*path, i))
+    else:
+        yield path, value
 
 
 def load_status_html(message: str, ok: bool) -> str:

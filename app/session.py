@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import alora
+from alora.intrinsics import IO_FILE
 
 CONFIG_FILE = "adapter_config.json"
 _baselines = itertools.count()
@@ -225,7 +226,9 @@ class AdapterFolders:
         """Resolve ``text`` and load it under ``name`` (default: the folder's name); errors raise with the
         engine's message."""
         folder = self.resolve(text)
-        name = (name or "").strip() or folder.name
-        if name == "base":
+        name = (name or "").strip() or None
+        if (name or folder.name) == "base":
             raise LoadRefused("'base' names the base model; choose another adapter name")
-        return engine.load_adapter(name, folder)
+        if (folder / IO_FILE).is_file():  # an intrinsic: its io.yaml says how to call it and read its result
+            return engine.adapter(engine.load_intrinsic(folder, name).name)
+        return engine.load_adapter(name or folder.name, folder)

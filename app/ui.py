@@ -198,8 +198,12 @@ class ChatUI:
         keep = bool(keep)
         live = dict(adapter=name, kind=kind, action="invoke", call=next(self._calls))
         sampling = dict(max_new_tokens=int(max_tokens), temperature=INTRINSIC_TEMPERATURE)
+        spec = engine.intrinsics.get(name)  # an io.yaml intrinsic: run as its clients do, its result shown
+        keep = keep and spec is None
+        start = (lambda conv: conv.start_intrinsic(name)) if spec is not None else \
+            (lambda conv: conv.start_invoke(name, keep, **sampling))
         try:
-            call, ticket, before = sess.start(system, lambda conv: conv.start_invoke(name, keep, **sampling))
+            call, ticket, before = sess.start(system, start)
         except ENGINE_ERRORS as e:
             msg = _message(e)
             yield {c.state: sess, c.side: render.side_html(name, kind, "", error=msg),
@@ -222,12 +226,18 @@ class ChatUI:
         if final is None:
             return
         stopped = final == "stopped"
+        result = None
+        if spec is not None and not stopped and error is None:
+            try:
+                result = spec.result(call, engine.token_text)
+            except Exception as e:  # an output its rules cannot read
+                error = f"the intrinsic's result could not be read: {e}"
         view = render.chat_view(engine, sess.messages())
         yield {c.state: sess, c.chatbot: view,
-               c.side: render.side_html(name, kind, out, keep=keep, error=error),
+               c.side: render.side_html(name, kind, out, keep=keep, error=error, result=result),
                c.stats: render.stats_html(stats, stopped=stopped, keep=keep, error=error, **live),
-               c.raw: render.stats_json(stats, stopped=stopped, error=error, **live)}
-        if compare and not stopped and not error:
+               c.raw: render.stats_json(stats, stopped=stopped, error=error, result=result, **live)}
+        if compare and not stopped and not error and spec is None:
             yield from self._compare(sess, ticket, before, name, kind, stats, keep, live, sampling)
 
     def _final(self, sess: ChatSession, ticket: int) -> str | None:

@@ -16,7 +16,12 @@ TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_l
 
 def tiny_configs():
     """One random-weight config per supported architecture, with the features each one adds."""
-    from transformers import GraniteConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (GraniteConfig, GraniteMoeHybridConfig, LlamaConfig, MistralConfig, Qwen2Config,
+                              Qwen3Config)
+
+    granite4 = dict(TINY, shared_intermediate_size=TINY["intermediate_size"], num_local_experts=0,
+                    layer_types=["attention"] * TINY["num_hidden_layers"], embedding_multiplier=12.0,
+                    attention_multiplier=0.05, residual_multiplier=0.22, logits_scaling=8.0)
 
     return {
         "llama": LlamaConfig(**TINY, tie_word_embeddings=False,
@@ -28,6 +33,8 @@ def tiny_configs():
         "mistral": MistralConfig(**TINY, sliding_window=24),
         "granite": GraniteConfig(**TINY, embedding_multiplier=12.0, attention_multiplier=0.05,
                                  residual_multiplier=0.22, logits_scaling=8.0),
+        "granite4": GraniteMoeHybridConfig(**granite4, position_embedding_type="rope", tie_word_embeddings=True),
+        "granite4_nope": GraniteMoeHybridConfig(**granite4, position_embedding_type="nope"),
         "qwen2": Qwen2Config(**TINY, tie_word_embeddings=True),
         "qwen3": Qwen3Config(**{**TINY, "head_dim": 32}, tie_word_embeddings=False),
     }

@@ -75,13 +75,13 @@ def test_alora_uses_last_occurrence_and_is_off_without_invocation(fresh, default
     assert torch.equal(fresh.forward_logits(absent, adapter="j"), fresh.forward_logits(absent))
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "granite", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "granite", "granite4", "qwen2", "qwen3"])
 def test_tiny_architectures_match_peft(arch, tiny_dirs, tmp_path):
     eng = alora.Engine.from_pretrained(tiny_dirs[arch], device="cpu", dtype="float32")
     inv = [1, 5248, 198]
+    mlp = ["input_linear", "output_linear"] if arch == "granite4" else ["gate_proj", "up_proj", "down_proj"]
     peft_model = make_adapter(tiny_dirs[arch], tmp_path, seed=5, invocation=inv,
-                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                              "down_proj"])
+                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", *mlp])
     eng.load_adapter("a", tmp_path)
     ids = torch.randint(3, 49152, (40,), generator=torch.Generator().manual_seed(0)).tolist() + inv + [42, 43]
     assert (eng.forward_logits(ids, adapter="a") - peft_logits(peft_model, ids)).abs().max().item() <= 1e-4

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 import alora
 
-ARCHS = ["llama", "llama_linear", "mistral", "granite", "qwen2", "qwen3"]
+ARCHS = ["llama", "llama_linear", "mistral", "granite", "granite4", "granite4_nope", "qwen2", "qwen3"]
 
 
 def test_default_model_logits_match_transformers(engine, hf_model):

@@ -339,3 +339,26 @@ def test_stop_keeps_the_partial_reply(server):
     history, _, raw, _ = send(client, "Go on.", max_tokens=2)
     assert history[:2] == [("user", "Write a long story about a dragon."), ("assistant", partial)]
     assert raw["call"]["reused_tokens"] > 0
+
+
+def test_an_io_yaml_intrinsic_shows_its_result_as_likelihood_bars(server, adapters_dir):
+    """A folder with an io.yaml loads as an intrinsic; invoking it shows its parsed result, a likelihood as a bar."""
+    client = _client(server)
+    folder = adapters_dir / "judge_io"
+    shutil.copytree(adapters_dir / "judge", folder)
+    (folder / "io.yaml").write_text(
+        "model: judge_io\n"
+        "response_format: '{\"type\": \"string\", \"enum\": [\"yes\", \"no\"]}'\n"
+        "transformations:\n"
+        "  - {type: likelihood, categories_to_values: {\"yes\": 1.0, \"no\": 0.0}, input_path: []}\n"
+        "  - {type: nest, input_path: [], field_name: correct_likelihood}\n"
+        "parameters: {max_completion_tokens: 4}\n")
+    status, _ = load(client, "judge_io")
+    assert 'data-ok="1"' in status, status
+    send(client, "Is Paris in France?", max_tokens=4)
+    _, side, _, raw = invoke(client, "judge_io")
+    assert "error" not in raw and raw["call"]["reused_tokens"] > 0, raw
+    assert set(raw["result"]) == {"correct_likelihood"}
+    assert 'data-result="1"' in side and 'class="likelihood" data-field="correct_likelihood"' in side, side
+    value = float(re.search(r'data-value="([0-9.]+)"', side).group(1))
+    assert 0.0 <= value <= 1.0

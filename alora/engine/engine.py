@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import weakref
@@ -10,14 +11,16 @@ from typing import Sequence
 
 import torch
 
-from alora.adapters import AdapterInfo, AdapterRegistry
+from alora.adapters import AdapterInfo, AdapterRegistry, last_occurrence
 from alora.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from alora.engine.kv_pool import KVPool
 from alora.engine.request import Call, CallStats
 from alora.engine.runner import ModelRunner
 from alora.engine.sampling import SamplingParams
 from alora.engine.scheduler import Scheduler
-from alora.errors import AdapterInUseError, AloraError, ContextOverflowError
+from alora.engine.structured import StructuredOutputs
+from alora.errors import AdapterInUseError, AloraError, ContextOverflowError, UnknownAdapterError
+from alora.intrinsics import Intrinsic
 from alora.models import LlamaModel, load_model
 
 
@@ -60,6 +63,9 @@ class Engine:
         self.pool = KVPool(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype, self.device, int(gb * 2**30))
         self.scheduler = Scheduler(ModelRunner(model), self.pool, self.eos_token_ids,
                                    c.max_position_embeddings, max_queue)
+        self._structured: StructuredOutputs | None = None
+        self._intrinsics: dict[str, Intrinsic] = {}
+        self._token_text = functools.lru_cache(maxsize=1 << 16)(lambda i: tokenizer.decode([i]))
         # stop the scheduler thread when the engine goes away, or at exit before torch is torn down
         weakref.finalize(self, self.scheduler.shutdown)
 
@@ -102,6 +108,34 @@ class Engine:
         with self._lock:
             return self._registry.load(name, Path(path))
 
+    def load_intrinsic(self, path: str | Path, name: str | None = None) -> Intrinsic:
+        """Load an intrinsic: an adapter folder (IBM's layout: ``adapter_config.json``,
+        ``adapter_model.safetensors``) with an ``io.yaml`` saying how to call it and read its output.
+
+        ``name`` defaults to the io.yaml's ``model`` (else the folder's name); the adapter is loaded under it,
+        so it is also an ordinary adapter (``invoke``, the server's ``model``). Run it with
+        ``conv.run_intrinsic(name, **fields)``.
+        """
+        folder = Path(path)
+        spec = Intrinsic.from_folder(folder, name)
+        with self._lock:
+            self._registry.load(spec.name, folder)
+            self._intrinsics[spec.name] = spec
+        return spec
+
+    @property
+    def intrinsics(self) -> dict[str, Intrinsic]:
+        """Loaded intrinsics by name (adapters that came with an io.yaml)."""
+        return {n: i for n, i in self._intrinsics.items() if n in self._registry.infos}
+
+    def intrinsic(self, name: str) -> Intrinsic:
+        """The loaded intrinsic ``name``; ``UnknownAdapterError`` if none has that name."""
+        spec = self.intrinsics.get(name)
+        if spec is None:
+            raise UnknownAdapterError(f"no intrinsic named {name!r} is loaded (loaded: {sorted(self.intrinsics)}); "
+                                      "load one with engine.load_intrinsic(folder)")
+        return spec
+
     def unload_adapter(self, name: str) -> None:
         """Unload adapter ``name``. Refused (``AdapterInUseError``) while a call that uses it is waiting or
         running, so no call ever continues on another adapter's weights."""
@@ -126,6 +160,30 @@ class Engine:
         """The adapter slot of every token of ``ids`` when ``adapter`` runs on them (-1 = base), by its
         activation rule (aLoRA: from the last occurrence of its invocation; LoRA: every token)."""
         return self._registry.slots_for(adapter, ids) if adapter else [-1] * len(ids)
+
+    def activation_prompt(self, adapter: str, ids: Sequence[int]) -> list[int] | None:
+        """``ids`` in which aLoRA ``adapter``'s invocation occurs as its exact token ids, or None if its text
+        is not there either.
+
+        Activation is matched on token ids, but a tokenizer can merge an invocation's last token with the
+        text after it (``<req>`` + ``:`` tokenized as ``<req`` ``>:``), so a prompt that says the invocation
+        may not contain its ids. Then the tail of ``ids`` from the invocation's last textual occurrence on
+        is re-tokenized with the invocation's ids spliced in, as the adapter was trained; the tokens before
+        it (the cached history) are untouched.
+        """
+        ids = list(ids)
+        info = self.adapter(adapter)
+        inv = list(info.invocation_tokens or ())
+        if info.kind != "alora" or not inv or last_occurrence(ids, inv) is not None:
+            return ids
+        text = self.tokenizer.decode(inv)
+        for k in range(len(inv), min(len(ids), 4096) + 1):
+            tail = self.tokenizer.decode(ids[-k:])
+            at = tail.rfind(text)
+            if at >= 0:
+                encode = lambda t: self.tokenizer(t, add_special_tokens=False)["input_ids"] if t else []  # noqa: E731
+                return ids[:-k] + encode(tail[:at]) + inv + encode(tail[at + len(text):])
+        return None
 
     def invocation_prompt(self, adapter: str, ids: Sequence[int]) -> list[int]:
         """``ids`` followed by ``adapter``'s invocation tokens (an aLoRA's activation, a LoRA's optional
@@ -175,13 +233,30 @@ class Engine:
             decode_slot = self._registry.slot(adapter) if adapter and first_adapted < len(prompt) else -1
             self.check_fits(len(prompt) + 1)
             self.check_fits(min(len(prompt) + params.max_new_tokens, self.config.max_position_embeddings))
+            grammar = None
+            if params.json_schema is not None or params.choice is not None:
+                grammar = self.structured_outputs().matcher(params.json_schema, params.choice)
             call = Call(prompt, slots, decode_slot, params, namespace, storable,
                         IncrementalDetokenizer(self.tokenizer), StopMatcher(params.stop), CallStats(adapter=adapter),
                         use_cache=use_cache, store=use_cache if store is None else store, all_logits=all_logits,
                         expected_cached=expected_cached,
-                        generator=params.generator())
+                        generator=params.generator(), grammar=grammar)
             self.scheduler.submit(call)
         return call
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text as logprobs report it (``tokenizer.decode([token_id])``, cached)."""
+        return self._token_text(int(token_id))
+
+    def structured_outputs(self) -> StructuredOutputs:
+        """The JSON-schema grammar compiler for this tokenizer (built on first use, about a second)."""
+        with self._lock:
+            if self._structured is None:
+                eos = self.tokenizer.eos_token_id
+                self._structured = StructuredOutputs(self.tokenizer, self.config.vocab_size,
+                                                     eos if eos in self.eos_token_ids else min(self.eos_token_ids))
+                self.scheduler.structured = self._structured
+            return self._structured
 
     def forward_logits(self, token_ids: Sequence[int] | torch.Tensor, adapter: str | None = None) -> torch.Tensor:
         """Logits [len(token_ids), vocab] float32 of one pass with no cache; an aLoRA is activated by its

@@ -73,6 +73,7 @@ class Call:
     all_logits: bool = False  # keep the logits of every prompt row (``forward_logits``)
     expected_cached: int = 0  # prompt tokens its submitter had computed before: misses are "recomputed"
     generator: torch.Generator | None = None
+    grammar: object | None = None  # the structured output's matcher (``params.json_schema``)
     # scheduler state
     seq: KVCache | None = None
     output: list[int] = field(default_factory=list)
@@ -181,6 +182,12 @@ class Call:
     def text(self) -> str:
         """The generated text so far, stop strings cut."""
         return self.stop.text
+
+    @property
+    def logprobs(self) -> list[TokenLogprob]:
+        """The logprobs delivered so far, one per generated token (empty unless ``params.logprobs`` is set)."""
+        with self._cond:
+            return [lp for ev in self._events for lp in (ev.logprobs or ())]
 
 
 def _wake(fut: asyncio.Future) -> None:

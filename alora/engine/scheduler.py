@@ -16,6 +16,8 @@ import time
 from collections import Counter, deque
 from typing import Callable
 
+import torch
+
 from alora.engine.kv_pool import KVPool
 from alora.engine.request import Call, Event, TokenLogprob
 from alora.engine.runner import ModelRunner
@@ -36,6 +38,7 @@ class Scheduler:
         self.eos_token_ids = eos_token_ids
         self.max_context = max_context
         self.max_queue = max_queue
+        self.structured = None  # the engine's StructuredOutputs, set before the first call with a json_schema
         self.waiting: deque[Call] = deque()
         self.running: list[Call] = []
         self._cond = threading.Condition()
@@ -145,15 +148,25 @@ class Scheduler:
         logits = self.runner.run(batch, [c.all_logits for c, _ in feeds])
         self._measure(time.perf_counter() - started, len(decoding), sum(n for _, n in feeds) - len(decoding))
         self.steps += 1
+        sampling = [(c, row) for (c, _), row in zip(feeds, logits) if c.pending == 0]
+        masks = self._grammar_masks([c for c, _ in sampling])
         for (c, _), row in zip(feeds, logits):
             if c.all_logits:
                 c.logits_rows.append(row.float().cpu())
-            if c.pending == 0:  # the whole sequence is in: sample its next token
-                try:
-                    self._advance(c, row[-1] if c.all_logits else row)
-                except Exception as e:  # e.g. a logits processor: this call fails, the others go on
-                    c.error = e
-                    self._finish(c, "error", store=False)
+        for c, row in sampling:  # the whole sequence is in: sample its next token
+            try:
+                self._advance(c, row[-1] if c.all_logits else row, masks.get(id(c)))
+            except Exception as e:  # e.g. a logits processor: this call fails, the others go on
+                c.error = e
+                self._finish(c, "error", store=False)
+
+    def _grammar_masks(self, calls: list[Call]) -> dict[int, torch.Tensor]:
+        """The allowed-token masks of the structured-output calls about to sample, filled in one batch."""
+        constrained = [c for c in calls if c.grammar is not None and len(c.output) < c.params.max_new_tokens]
+        if not constrained:
+            return {}
+        rows = self.structured.allowed([c.grammar for c in constrained]).to(self.runner.device)
+        return {id(c): row for c, row in zip(constrained, rows)}
 
     def _prefill_budget(self, decode_rows: int) -> int:
         """Prompt tokens this step may take: as many as fit in ``step_target_s`` beside the decoding calls
@@ -223,13 +236,13 @@ class Scheduler:
             self.running.remove(call)
             self.waiting.appendleft(call)
 
-    def _advance(self, c: Call, logits) -> None:
+    def _advance(self, c: Call, logits, allowed=None) -> None:
         """Sample the next token of ``c``, deliver its text, and end the call if it is done."""
         now = time.perf_counter()
         if len(c.output) >= c.params.max_new_tokens:
             self._finish(c, "length")
             return
-        token, lp = sample(logits, c.params, c.generator, c.output)
+        token, lp = sample(logits, c.params, c.generator, c.output, allowed)
         if c.first_token_at is None:
             c.first_token_at = now
         c.output.append(token)
@@ -240,8 +253,10 @@ class Scheduler:
             text, reason = "", "stop"
         else:
             text = c.stop.feed(c.detok.push(token))
-            if c.stop.stopped:
-                reason = "stop"
+            if c.grammar is not None and not c.grammar.consume_token(token):
+                raise RuntimeError(f"structured output: the grammar rejected token {token}: {c.grammar.get_error()}")
+            if c.stop.stopped or (c.grammar is not None and c.grammar.is_stopped()):
+                reason = "stop"  # a complete structured output ends without spending a step on its EOS
             elif len(c.output) >= c.params.max_new_tokens:
                 reason = "length"
             elif c.seq.length + 1 >= self.max_context:

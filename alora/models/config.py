@@ -11,7 +11,8 @@ import torch
 
 from alora.errors import AloraError
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "granite", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "granite", "granitemoehybrid", "qwen2", "qwen3")
+GRANITE_FAMILY = ("granite", "granitemoehybrid")  # granitemoehybrid: Granite 4; its dense, attention-only form
 
 
 class UnsupportedModelError(AloraError, ValueError):
@@ -43,6 +44,8 @@ class ModelConfig:
     residual_multiplier: float = 1.0
     attention_scale: float | None = None
     logits_scaling: float = 1.0
+    rope: bool = True  # False: no position embedding at all (Granite 4's "nope")
+    fused_gate_up: bool = False  # Granite 4: gate|up is one trained projection (input_linear), adapted as one
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "ModelConfig":
@@ -51,6 +54,16 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"unsupported architecture {model_type!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
             )
+        if model_type == "granitemoehybrid":
+            layers = cfg.get("layer_types") or cfg.get("layers_block_type") or []
+            if cfg.get("num_local_experts", 0) or any(t not in ("attention", "full_attention") for t in layers):
+                raise UnsupportedModelError(
+                    "granitemoehybrid: only dense, attention-only Granite 4 models are supported (this config has "
+                    f"{cfg.get('num_local_experts', 0)} experts and layer types {sorted(set(layers))})")
+            if cfg.get("position_embedding_type") not in ("rope", "nope", None):
+                raise UnsupportedModelError(f"granitemoehybrid: unsupported position_embedding_type "
+                                            f"{cfg.get('position_embedding_type')!r}")
+            cfg = {**cfg, "intermediate_size": cfg["shared_intermediate_size"]}
         heads = cfg["num_attention_heads"]
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
@@ -81,8 +94,10 @@ class ModelConfig:
             sliding_window=sliding,
             embedding_multiplier=cfg.get("embedding_multiplier", 1.0),
             residual_multiplier=cfg.get("residual_multiplier", 1.0),
-            attention_scale=cfg.get("attention_multiplier") if model_type == "granite" else None,
+            attention_scale=cfg.get("attention_multiplier") if model_type in GRANITE_FAMILY else None,
             logits_scaling=cfg.get("logits_scaling", 1.0),
+            rope=model_type != "granitemoehybrid" or cfg.get("position_embedding_type") == "rope",
+            fused_gate_up=model_type == "granitemoehybrid",
         )
 
     @classmethod

@@ -1,4 +1,4 @@
-"""The Llama family (llama, mistral, granite, qwen2, qwen3) as one compact torch model.
+"""The Llama family (llama, mistral, granite and dense Granite 4, qwen2, qwen3) as one compact torch model.
 
 Activations are flattened to [tokens, hidden]: one forward may carry the new tokens of several sequences,
 each attending over its own KV cache (see ``alora.context``). q|k|v and gate|up are fused projections.
@@ -20,7 +20,7 @@ from alora.models.layers import Linear, RMSNorm, Rotary, attend
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, rotary: Rotary):
         super().__init__()
-        self.layer, self.rotary = layer, rotary
+        self.layer, self.rotary = layer, rotary if cfg.rope else None
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = Linear(cfg.hidden_size, [q, kv, kv], bias=cfg.qkv_bias)
@@ -39,7 +39,7 @@ class Attention(nn.Module):
             qk = torch.cat([self.q_norm(qkv[:, :H]), self.k_norm(qkv[:, H:H + Hkv])], dim=1)
         else:
             qk = qkv[:, :H + Hkv]
-        q, k = self.rotary(qk).split([H, Hkv], dim=1)  # q and k rotated together: half the ops
+        q, k = (self.rotary(qk) if self.rotary is not None else qk).split([H, Hkv], dim=1)  # rotated together
         v = qkv[:, H + Hkv:]
         if len(ctx.spans) == 1:
             out = attend(q, k, v, ctx.spans[0], self.layer, self.scale, self.window)
@@ -55,7 +55,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=cfg.mlp_bias)
+        parts = [2 * cfg.intermediate_size] if cfg.fused_gate_up else [cfg.intermediate_size] * 2
+        self.gate_up_proj = Linear(cfg.hidden_size, parts, bias=cfg.mlp_bias)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,12 +18,21 @@ PROJECTION_OF = {part: (fused, i) for fused, parts in FUSED_PARTS.items() for i,
 PROJECTION_OF.update({"o_proj": ("o_proj", 0), "down_proj": ("down_proj", 0)})
 
 
-def _hf_sources(name: str, tied: bool) -> list[str]:
+# Granite 4 names its MLP differently: gate|up is one trained tensor there, as it is here.
+GRANITE4_MLP = {"mlp.gate_up_proj": "shared_mlp.input_linear", "mlp.down_proj": "shared_mlp.output_linear"}
+PROJECTION_OF.update({"input_linear": ("gate_up_proj", 0), "output_linear": ("down_proj", 0)})
+
+
+def _hf_sources(name: str, cfg: ModelConfig) -> list[str]:
     """HF checkpoint tensor names that make up one of our parameters."""
     if name == "lm_head_weight":
-        return ["model.embed_tokens.weight" if tied else "lm_head.weight"]
+        return ["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"]
     prefix, _, leaf = name.rpartition(".")  # e.g. layers.0.self_attn.qkv_proj / weight
     module_path, _, module = prefix.rpartition(".")
+    if cfg.fused_gate_up:
+        for ours, theirs in GRANITE4_MLP.items():
+            if prefix.endswith(ours):
+                return [f"model.{prefix[:-len(ours)]}{theirs}.{leaf}"]
     if module in FUSED_PARTS:
         return [f"model.{module_path}.{part}.{leaf}" for part in FUSED_PARTS[module]]
     return [f"model.{name}"]
@@ -38,10 +47,10 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
     index = SafetensorsIndex.of_model_folder(folder)
     model = LlamaModel(cfg)
     for name, param in model.named_parameters(remove_duplicate=True):
-        parts = [index.get(src) for src in _hf_sources(name, cfg.tie_word_embeddings)]
+        parts = [index.get(src) for src in _hf_sources(name, cfg)]
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         if tuple(tensor.shape) != tuple(param.shape):
-            raise ValueError(f"{folder}: tensor {_hf_sources(name, cfg.tie_word_embeddings)} has shape {tuple(tensor.shape)}, "
+            raise ValueError(f"{folder}: tensor {_hf_sources(name, cfg)} has shape {tuple(tensor.shape)}, "
                              f"the config implies {tuple(param.shape)}")
         param.data = tensor.to(dtype)
     model = model.to(device)

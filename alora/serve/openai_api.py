@@ -6,11 +6,17 @@ adapters are allowed, folders only from under one directory), ``GET /health`` an
 
 Adapter choice: ``"model"`` names the base model (its served name) or a loaded adapter. An aLoRA on chat
 completions renders the messages as for the base model (chat template with its generation prompt); when those
-token ids contain the adapter's invocation tokens, activation starts at their last occurrence (PEFT's rule),
-otherwise the messages are rendered without the generation prompt and the invocation is appended, as
-``Conversation.invoke`` does. ``/v1/completions`` applies the same rule to its raw prompt. A LoRA adapts every
+token ids contain the adapter's invocation tokens, activation starts at their last occurrence (PEFT's rule);
+when only the invocation's text is there (a tokenizer merged its last token with what follows), the tail is
+re-tokenized with the invocation's ids spliced in (``Engine.activation_prompt``); otherwise the messages are
+rendered without the generation prompt and the invocation is appended, as ``Conversation.invoke`` does. ``/v1/completions`` applies the same rule to its raw prompt. A LoRA adapts every
 token. Each request is stateless: the engine's prefix cache makes a request that extends an earlier one reuse
 its KV (``usage.prompt_tokens_details.cached_tokens``), within one ``cache_salt``.
+
+Structured outputs: OpenAI's ``response_format`` (``json_schema``, ``json_object``), vLLM's
+``structured_outputs`` (``json``, ``json_object``, ``choice``) and its older ``guided_json`` / ``guided_choice``;
+each request's grammar constrains its own rows of the shared batched step (``alora.engine.structured``). A schema
+that does not compile is a 400. Logprobs are the model's, before the grammar's mask, as vLLM reports them.
 
 Libraries: FastAPI (request bodies are pydantic models, so ``/openapi.json`` describes the real API; gradio
 already depends on it) served by uvicorn. Streams are a plain ``StreamingResponse`` of ``data: {...}`` lines,
@@ -27,7 +33,6 @@ import secrets
 import time
 import uuid
 from contextlib import aclosing
-from functools import cache
 from pathlib import Path
 from typing import Annotated, AsyncIterator, Callable, Literal
 
@@ -41,7 +46,8 @@ from starlette.exceptions import HTTPException
 
 import alora
 from alora.adapters import AdapterError, last_occurrence
-from alora.errors import AdapterInUseError, ContextOverflowError, QueueFullError, UnknownAdapterError
+from alora.errors import (AdapterInUseError, ContextOverflowError, InvalidSchemaError, QueueFullError,
+                          UnknownAdapterError)
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "context": "length", "cancelled": "abort"}
 
@@ -56,6 +62,23 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Body):
+    name: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(_Body):
+    json_: dict | str | None = Field(None, alias="json", description="a JSON schema the output follows")
+    json_object: bool | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+
+
 class _Sampling(_Body):
     model: str | None = Field(None, description="the served model name (base) or a loaded adapter's name; "
                                                 "default: the base model")
@@ -68,6 +91,40 @@ class _Sampling(_Body):
     stream_options: StreamOptions | None = None
     cache_salt: str | None = Field(None, min_length=1, description="requests share cached prefixes only with "
                                                                    "requests of the same salt (vLLM's name)")
+    response_format: ResponseFormat | None = Field(None, description="OpenAI's structured output: json_schema or "
+                                                                     "json_object")
+    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's: json (a schema), json_object "
+                                                                           "or choice")
+    guided_json: dict | str | None = Field(None, description="vLLM's older name for structured_outputs.json")
+    guided_choice: list[str] | None = Field(None, min_length=1, description="vLLM's older structured_outputs.choice")
+
+    def structured(self) -> dict:
+        """The one structured-output constraint the request asks for, as ``SamplingParams`` fields
+        (``json_schema`` or ``choice``; empty: free text)."""
+        wanted = []
+        if self.response_format is not None and self.response_format.type != "text":
+            if self.response_format.type == "json_object":
+                wanted.append({"json_schema": True})
+            elif self.response_format.json_schema is None or self.response_format.json_schema.schema_ is None:
+                raise APIError(400, "response_format of type json_schema needs json_schema.schema",
+                               param="response_format")
+            else:
+                wanted.append({"json_schema": self.response_format.json_schema.schema_})
+        so = self.structured_outputs
+        if so is not None:
+            unsupported = sorted(k for k, v in (so.model_extra or {}).items() if v is not None)
+            if unsupported:
+                raise APIError(400, f"structured_outputs.{unsupported[0]} is not supported (supported: json, "
+                                    "json_object, choice)", param="structured_outputs")
+            wanted += [{"json_schema": so.json_}] if so.json_ is not None else []
+            wanted += [{"json_schema": True}] if so.json_object else []
+            wanted += [{"choice": so.choice}] if so.choice else []
+        wanted += [{"json_schema": self.guided_json}] if self.guided_json is not None else []
+        wanted += [{"choice": self.guided_choice}] if self.guided_choice else []
+        if len(wanted) > 1:
+            raise APIError(400, "give one structured-output constraint (response_format, structured_outputs, "
+                                "guided_json or guided_choice), not several", param="response_format")
+        return wanted[0] if wanted else {}
 
 
 class TextPart(_Body):
@@ -310,7 +367,7 @@ def create_app(engine: "alora.Engine", *, served_model_name: str | None = None, 
     tokenizer = engine.tokenizer
     context = engine.config.max_position_embeddings
     vocab = engine.config.vocab_size
-    token_text = cache(lambda i: tokenizer.decode([i]))
+    token_text = engine.token_text
 
     async def check_key(request: Request) -> None:
         if api_key is None:
@@ -361,11 +418,13 @@ def create_app(engine: "alora.Engine", *, served_model_name: str | None = None, 
                     max_new_tokens=max_tokens or max(1, context - len(ids)),
                     temperature=req.temperature, top_p=req.top_p,
                     stop=(req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ()), seed=req.seed,
-                    logprobs=logprobs)
+                    logprobs=logprobs, **req.structured())
             except ValueError as e:
                 raise APIError(400, str(e)) from e
             try:
                 return engine.submit(ids, adapter=adapter, params=params, cache_salt=req.cache_salt), len(ids)
+            except InvalidSchemaError as e:
+                raise APIError(400, str(e), param="response_format", code="invalid_json_schema") from e
             except ContextOverflowError as e:
                 raise APIError(400, str(e), code="context_length_exceeded") from e
             except QueueFullError as e:
@@ -391,7 +450,9 @@ def create_app(engine: "alora.Engine", *, served_model_name: str | None = None, 
 
         def prompt() -> list[int]:
             ids = render(messages, True)
-            return engine.invocation_prompt(adapter, render(messages, False)) if lacks_invocation(ids, adapter) else ids
+            if not lacks_invocation(ids, adapter):
+                return ids
+            return engine.activation_prompt(adapter, ids) or engine.invocation_prompt(adapter, render(messages, False))
         return await run(req, request, adapter, True, prompt, req.max_completion_tokens or req.max_tokens,
                          (req.top_logprobs or 0) if req.logprobs else None)
 
