@@ -403,8 +403,8 @@ class Conversation:
             try:
                 self._closing = self.engine.submit(history, None, SamplingParams(max_new_tokens=0), self.cache_salt,
                                                    expected_cached=common_prefix(self._computed, history))
-            except EngineClosedError:  # the interpreter is exiting
-                return
+            except (EngineClosedError, ContextOverflowError):  # exiting; or a history at the context's end,
+                return  # which the next call handles by its overflow policy
             self._computed = history
 
     def _wait_closing(self) -> None:

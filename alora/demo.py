@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from alora.errors import UnknownAdapterError
-from alora.intrinsics import IO_FILE
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo_adapters"
 
@@ -26,19 +25,11 @@ def demo_adapters() -> dict[str, Path]:
 def load_demo_adapters(engine, names: list[str] | None = None) -> dict:
     """Load the shipped adapters (all, or ``names``) into ``engine``; returns ``{name: AdapterInfo}``.
 
-    They are trained for the default model: load them into ``Engine.from_pretrained()`` only. Folders with an
-    io.yaml load as intrinsics (``Engine.load_intrinsic``, ``Conversation.run_intrinsic``).
+    They are trained for the default model: load them into ``Engine.from_pretrained()`` only. Those with an
+    io.yaml are intrinsics too (``Conversation.run_intrinsic``).
     """
     folders = demo_adapters()
     unknown = sorted(set(names or []) - set(folders))
     if unknown:
         raise UnknownAdapterError(f"no demo adapter named {unknown} (shipped: {', '.join(folders)})")
-    loaded = {}
-    for n, p in folders.items():
-        if names is None or n in names:
-            if (p / IO_FILE).is_file():
-                engine.load_intrinsic(p, n)
-                loaded[n] = engine.adapter(n)
-            else:
-                loaded[n] = engine.load_adapter(n, p)
-    return loaded
+    return {n: engine.load_adapter(n, p) for n, p in folders.items() if names is None or n in names}

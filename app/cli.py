@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", help="initial system prompt")
     p.add_argument("--temperature", type=float, default=0.7, help="initial temperature (default 0.7)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="initial reply length limit (default 256)")
+    p.add_argument("--overflow", choices=("drop_oldest", "error"), default="drop_oldest",
+                   help="when a chat outgrows the model's context: drop its oldest exchanges (default; the stats "
+                        "say how many) or refuse the message with an error")
     p.add_argument("--concurrency", type=int, default=4,
                    help="generations that may stream at once across sessions (default 4)")
 
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: serving on {args.host}: anyone who can reach this address can use the UI",
               file=sys.stderr)
     ui = ChatUI(engine, folders, system=args.system, temperature=args.temperature,
-                max_new_tokens=args.max_new_tokens, concurrency=args.concurrency)
+                max_new_tokens=args.max_new_tokens, concurrency=args.concurrency, overflow=args.overflow)
     launch(ui, host=args.host, port=args.port, share=args.share)
     return 0
 

@@ -145,6 +145,9 @@ def stats_html(stats: alora.CallStats | None, *, adapter: str | None = None, kin
         if baseline is not None:
             rows.append(_row("baseline", baseline.label, baseline.stats))
         parts.append(f"<table><thead><tr><th></th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+        if stats.dropped_turns:
+            parts.append(f'<div class="mode" data-dropped="{stats.dropped_turns}">The chat outgrew the model\'s '
+                         f'context: its {stats.dropped_turns} oldest exchange(s) were dropped.</div>')
         if stopped:
             parts.append('<div class="mode">Stopped: the partial reply was kept in the conversation.</div>')
         elif not running and stats.finish_reason == "length":

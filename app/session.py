@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import alora
-from alora.intrinsics import IO_FILE
 
 CONFIG_FILE = "adapter_config.json"
 _baselines = itertools.count()
@@ -44,14 +43,15 @@ def twin_lora(engine: alora.Engine, name: str) -> str | None:
 class ChatSession:
     """One browser session's conversation on the shared engine."""
 
-    def __init__(self, engine: alora.Engine, system: str | None = None):
+    def __init__(self, engine: alora.Engine, system: str | None = None, overflow: str = "drop_oldest"):
         self.engine = engine
+        self.overflow = overflow  # what a call that outgrows the context does (see ``alora.Conversation``)
         self.lock = threading.RLock()
         self._ticket_lock = threading.Lock()
         self._ticket = 0
         self.stopped_ticket = -1  # the ticket the Stop button ended last
         self.system = (system or "").strip() or None
-        self.conv = engine.conversation(system=self.system)
+        self.conv = engine.conversation(system=self.system, overflow=overflow)
         self.call: alora.Call | None = None  # the call in flight, if any
 
     def __deepcopy__(self, memo):  # a session is never copied (Gradio deep-copies some state values)
@@ -136,7 +136,7 @@ class ChatSession:
         with self.lock:
             self._end_call()
             self.system = (system or "").strip() or None
-            self.conv = self.engine.conversation(system=self.system)
+            self.conv = self.engine.conversation(system=self.system, overflow=self.overflow)
 
     def messages(self) -> list[dict]:
         with self.lock:
@@ -226,9 +226,7 @@ class AdapterFolders:
         """Resolve ``text`` and load it under ``name`` (default: the folder's name); errors raise with the
         engine's message."""
         folder = self.resolve(text)
-        name = (name or "").strip() or None
-        if (name or folder.name) == "base":
+        name = (name or "").strip() or folder.name
+        if name == "base":
             raise LoadRefused("'base' names the base model; choose another adapter name")
-        if (folder / IO_FILE).is_file():  # an intrinsic: its io.yaml says how to call it and read its result
-            return engine.adapter(engine.load_intrinsic(folder, name).name)
-        return engine.load_adapter(name or folder.name, folder)
+        return engine.load_adapter(name, folder)

@@ -29,8 +29,10 @@ class ChatUI:
     """Builds the Blocks app around one engine; every handler works on the caller's ``ChatSession``."""
 
     def __init__(self, engine: alora.Engine, folders: AdapterFolders | None = None, *, system: str | None = None,
-                 temperature: float = 0.7, max_new_tokens: int = 256, concurrency: int = 4):
+                 temperature: float = 0.7, max_new_tokens: int = 256, concurrency: int = 4,
+                 overflow: str = "drop_oldest"):
         self.engine = engine
+        self.overflow = overflow
         self.folders = folders or AdapterFolders([])
         self.system = system or ""
         self.temperature = temperature
@@ -141,7 +143,7 @@ class ChatUI:
     # ---- handlers -----------------------------------------------------------------------------------
 
     def _session(self, sess: ChatSession | None, system: str | None) -> ChatSession:
-        return sess if isinstance(sess, ChatSession) else ChatSession(self.engine, system)
+        return sess if isinstance(sess, ChatSession) else ChatSession(self.engine, system, self.overflow)
 
     def send(self, sess, text, choice, system, temperature, max_tokens, compare):
         """Send a message (with the selected adapter) and stream the reply into the chat."""

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+import alora
+
 REPO = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 6  # replies stay short: 2 shared CPU cores
 
@@ -228,6 +230,26 @@ def test_session_calls_supersede_each_other_across_threads(engine):
     assert call3.wait(30) and call3.stats.finish_reason in ("cancelled", "stop", "length")
     sess.clear("Be brief.")
     assert [m["role"] for m in sess.messages()] == ["system"]
+
+
+def test_a_long_chat_drops_its_oldest_exchanges_and_says_so(tiny_dirs):
+    """The UI's default overflow policy: a chat that outgrows the context (512 tokens here) keeps going."""
+    from app import render
+    from app.session import ChatSession
+
+    eng = alora.Engine.from_pretrained(tiny_dirs["llama"], device="cpu", dtype="float32")
+    sess = ChatSession(eng, "Be brief.")
+    dropped = 0
+    for i in range(12):
+        call, ticket, _ = sess.start("Be brief.", lambda c: c.start_send(f"Message {i}: " + "word " * 60,
+                                                                          max_new_tokens=8))
+        "".join(sess.drain(call, ticket))
+        dropped += call.stats.dropped_turns
+        if call.stats.dropped_turns:
+            assert f'data-dropped="{call.stats.dropped_turns}"' in render.stats_html(call.stats)
+    assert dropped > 0 and sess.messages()[0]["role"] == "system"
+    assert sess.messages()[-2]["content"].startswith("Message 11:")
+    eng.shutdown()
 
 
 # ---- through the API ---------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from alora.engine.sampling import SamplingParams
 from alora.engine.scheduler import Scheduler
 from alora.engine.structured import StructuredOutputs
 from alora.errors import AdapterInUseError, AloraError, ContextOverflowError, UnknownAdapterError
-from alora.intrinsics import Intrinsic
+from alora.intrinsics import IO_FILE, Intrinsic
 from alora.models import LlamaModel, load_model
 
 
@@ -104,29 +104,33 @@ class Engine:
     # ---- adapters -------------------------------------------------------------------------------------
 
     def load_adapter(self, name: str, path: str | Path) -> AdapterInfo:
-        """Load a PEFT adapter folder (aLoRA or LoRA) under ``name``; on error the engine is unchanged."""
+        """Load a PEFT adapter folder (aLoRA or LoRA) under ``name``; on error the engine is unchanged.
+        A folder with an ``io.yaml`` is also registered as an intrinsic (see ``load_intrinsic``)."""
+        folder = Path(path)
+        spec = Intrinsic.from_folder(folder, name) if (folder / IO_FILE).is_file() else None
         with self._lock:
-            return self._registry.load(name, Path(path))
+            info = self._registry.load(name, folder)
+            if spec is not None:
+                self._intrinsics[name] = spec
+            return info
 
     def load_intrinsic(self, path: str | Path, name: str | None = None) -> Intrinsic:
         """Load an intrinsic: an adapter folder (IBM's layout: ``adapter_config.json``,
         ``adapter_model.safetensors``) with an ``io.yaml`` saying how to call it and read its output.
 
-        ``name`` defaults to the io.yaml's ``model`` (else the folder's name); the adapter is loaded under it,
-        so it is also an ordinary adapter (``invoke``, the server's ``model``). Run it with
-        ``conv.run_intrinsic(name, **fields)``.
+        ``name`` defaults to the io.yaml's ``model`` (else the intrinsic's folder name in IBM's layouts); the
+        adapter is loaded under it, so it is also an ordinary adapter (``invoke``, the server's ``model``).
+        Run it with ``conv.run_intrinsic(name, **fields)``.
         """
         folder = Path(path)
         spec = Intrinsic.from_folder(folder, name)
-        with self._lock:
-            self._registry.load(spec.name, folder)
-            self._intrinsics[spec.name] = spec
+        self.load_adapter(spec.name, folder)
         return spec
 
     @property
     def intrinsics(self) -> dict[str, Intrinsic]:
         """Loaded intrinsics by name (adapters that came with an io.yaml)."""
-        return {n: i for n, i in self._intrinsics.items() if n in self._registry.infos}
+        return dict(self._intrinsics)
 
     def intrinsic(self, name: str) -> Intrinsic:
         """The loaded intrinsic ``name``; ``UnknownAdapterError`` if none has that name."""
@@ -145,6 +149,7 @@ class Engine:
                 raise AdapterInUseError(f"adapter {name!r} is in use by a running call; unload it when the "
                                         "call has finished (or cancel it)")
             self._registry.unload(name)
+            self._intrinsics.pop(name, None)
             self.pool.drop(lambda namespace: namespace[1] == uid)  # its LoRA prefixes can never match again
 
     @property
