@@ -285,8 +285,7 @@ class AdapterRegistry:
                     r0 += r
             w = module.weight
             stacks[mod_name] = LoraStack(A_all.to(w.device, w.dtype).contiguous(),
-                                         B_all.to(w.device, w.dtype).contiguous(),
-                                         torch.ones(S, dtype=torch.float32, device=w.device))
+                                         B_all.to(w.device, w.dtype).contiguous())
         return stacks
 
     def _install(self, stacks: dict[str, LoraStack | None]) -> None:

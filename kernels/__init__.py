@@ -7,12 +7,36 @@ loads it (which also lets tests enable the interpreter, ``TRITON_INTERPRET=1``, 
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
+import os
+import sys
 from functools import cache
 
-import torch
-import torch.nn.functional as F
 
+def _hand_over_the_name_kernels() -> None:
+    """Imported as ``kernels``, this folder is shadowing Hugging Face's ``kernels`` package: a checkout's root is
+    on ``sys.path`` (``python -m ...`` run there), and transformers imports ``kernels`` whenever that package is
+    installed. Put the real package (or its absence) in ``sys.modules["kernels"]``, which is what the import
+    statement then returns; this module object is dropped."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+    spec = importlib.machinery.PathFinder.find_spec("kernels", path)
+    if spec is None:
+        del sys.modules["kernels"]
+        raise ModuleNotFoundError("No module named 'kernels' (the alora checkout's kernels/ folder installs as "
+                                  "alora_kernels)", name="kernels")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kernels"] = module
+    spec.loader.exec_module(module)
+
+
+if __name__ == "kernels":
+    _hand_over_the_name_kernels()
+
+import torch
+
+from alora_kernels import cpu_gemv
 from alora_kernels.torch_ref import mixed_lora_linear_torch, slot_runs
 
 __all__ = ["mixed_lora_linear", "slot_runs"]
@@ -32,7 +56,8 @@ def mixed_lora_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | Non
         W: [N, K] base weight; ``bias``: [N] or None.
         A: [S, r, K] stacked adapter down-projections (smaller ranks zero-padded to r).
         B: [S, N, r] stacked adapter up-projections.
-        scale: [S] float32 per-adapter scaling (``lora_alpha / r`` or its rsLoRA form).
+        scale: [S] float32 per-adapter scaling (``lora_alpha / r`` or its rsLoRA form), or None for ones: the
+            engine folds each adapter's scaling into its B (PEFT's alpha patterns may scale modules differently).
         slot: [T] int32 (or int64) adapter slot per row, -1 for base rows.
         backend: None picks Triton for CUDA tensors (torch if Triton is not installed) and torch elsewhere;
             "triton" forces the kernel (CPU tensors need ``TRITON_INTERPRET=1`` and float32/float16);
@@ -42,13 +67,14 @@ def mixed_lora_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | Non
             callers that make many calls with one slot map (the engine: once per forward); without it the
             slots are read here once. A slot >= S raises ``ValueError`` on both backends.
 
-    ``A is None`` or ``slot is None`` means "no adapters": the call is exactly ``F.linear(x, W, bias)``.
+    ``A is None`` or ``slot is None`` means "no adapters": the call is exactly the base projection both backends
+    start from, ``cpu_gemv.linear(x, W, bias)`` (``F.linear``, or our GEMV kernel for a few rows on CPU).
 
     Returns:
         [T, N] in x's dtype.
     """
     if A is None or slot is None:
-        return F.linear(x, W, bias)
+        return cpu_gemv.linear(x, W, bias)
     _check(x, W, bias, A, B, scale, slot)
     # both backends refuse a slot with no stacked adapter (a base row would be silently wrong)
     if runs is None:
@@ -62,6 +88,8 @@ def mixed_lora_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | Non
     if backend == "triton":
         from alora_kernels.triton_mixed import mixed_lora_linear_triton
 
+        if scale is None:
+            scale = torch.ones(A.shape[0], dtype=torch.float32, device=x.device)
         return mixed_lora_linear_triton(x, W, bias, A, B, scale, slot)
     raise ValueError(f"backend must be None, 'torch' or 'triton', not {backend!r}")
 
@@ -79,14 +107,14 @@ def _check(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, A: torch
     (T, K), N = x.shape, W.shape[0]
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"bias must be [N={N}], got {tuple(bias.shape)}")
-    if B is None or scale is None:
-        raise ValueError("A, B and scale must be given together")
+    if B is None:
+        raise ValueError("A and B must be given together")
     if A.dim() != 3 or A.shape[2] != K:
         raise ValueError(f"A must be [S, r, K={K}], got {tuple(A.shape)}")
     S, r = A.shape[0], A.shape[1]
     if B.shape != (S, N, r):
         raise ValueError(f"B must be [S={S}, N={N}, r={r}], got {tuple(B.shape)}")
-    if scale.shape != (S,):
+    if scale is not None and scale.shape != (S,):
         raise ValueError(f"scale must be [S={S}], got {tuple(scale.shape)}")
     if slot.shape != (T,):
         raise ValueError(f"slot must be [T={T}], got {tuple(slot.shape)}")

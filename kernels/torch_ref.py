@@ -19,6 +19,8 @@ from itertools import groupby
 import torch
 import torch.nn.functional as F
 
+from alora_kernels import cpu_gemv
+
 
 def slot_runs(slot: torch.Tensor | list[int], num_slots: int) -> dict[int, list[tuple[int, int]]]:
     """Map each adapter slot present in ``slot`` to its runs of consecutive rows ``[(start, stop), ...]``.
@@ -38,17 +40,17 @@ def slot_runs(slot: torch.Tensor | list[int], num_slots: int) -> dict[int, list[
 
 
 def mixed_lora_linear_torch(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
-                            B: torch.Tensor, scale: torch.Tensor, slot: torch.Tensor,
+                            B: torch.Tensor, scale: torch.Tensor | None, slot: torch.Tensor,
                             runs: dict[int, list[tuple[int, int]]]) -> torch.Tensor:
     """``y[t] = x[t]·Wᵀ (+ bias) + scale[s]·(x[t]·A[s]ᵀ)·B[s]ᵀ`` with ``s = slot[t]`` (nothing added where s < 0).
 
     Shapes, slots and ``runs`` (``slot_runs(slot, S)``) are assumed valid: ``alora_kernels.mixed_lora_linear``
     checks them.
     """
-    y = F.linear(x, W, bias)
+    y = cpu_gemv.linear(x, W, bias)  # F.linear, or our GEMV kernel for a few rows on CPU
     if not runs:
         return y
-    scales = scale.tolist()
+    scales = scale.tolist() if scale is not None else [1.0] * A.shape[0]
     for s, spans in runs.items():
         if len(spans) == 1:
             start, stop = spans[0]

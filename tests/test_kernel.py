@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alora_kernels import mixed_lora_linear
+from alora_kernels import cpu_gemv, mixed_lora_linear
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -108,11 +108,20 @@ def test_torch_path_half(dtype, T, K, N, mix):
 
 
 def test_no_adapters_is_exactly_linear():
+    """Exactly the base projection (on CPU our GEMV kernel for a few rows: F.linear to float32 rounding)."""
     x, W, b, A, B, scale, slot = make_inputs(5, 32, 48, 8, 2, torch.float32, True, "base")
-    base = F.linear(x, W, b)
+    base = cpu_gemv.linear(x, W, b)
+    torch.testing.assert_close(base, F.linear(x, W, b), rtol=0, atol=1e-5)
     assert torch.equal(mixed_lora_linear(x, W, b, None, None, None, None), base)
     assert torch.equal(mixed_lora_linear(x, W, b, A, B, scale, None), base)
     assert torch.equal(mixed_lora_linear(x, W, b, A, B, scale, slot), base)  # all -1
+
+
+def test_no_scale_means_ones_on_the_torch_path():
+    """scale=None (the engine's call: scalings folded into B) is the same as a scale of ones."""
+    x, W, b, A, B, _, slot = make_inputs(19, 48, 40, 8, 3, torch.float32, True, "random")
+    ones = torch.ones(3)
+    assert_close(mixed_lora_linear(x, W, b, A, B, None, slot), naive(x, W, b, A, B, ones, slot), torch.float32)
 
 
 def test_empty_batch():
@@ -214,6 +223,13 @@ def test_interp_strided_inputs_and_bad_slots():
     assert_close(mixed_lora_linear(x, W, b, A[:, :, ::2], B, scale, valid, backend="triton"), expected,
                  torch.float32)
     assert_close(mixed_lora_linear_triton(x, W, b, A[:, :, ::2], B, scale, slot), expected, torch.float32)
+
+
+@interpreter_only
+def test_interp_no_scale_means_ones():
+    x, W, b, A, B, _, slot = make_inputs(21, 32, 48, 8, 2, torch.float32, False, "interleaved")
+    assert_close(mixed_lora_linear(x, W, b, A, B, None, slot, backend="triton"),
+                 mixed_lora_linear(x, W, b, A, B, torch.ones(2), slot, backend="torch"), torch.float32)
 
 
 @interpreter_only

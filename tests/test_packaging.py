@@ -1,6 +1,7 @@
 """What `pip install alora-runtime` installs: the runtime, the kernels as ``alora_kernels``, the UI as ``alora_app``
 (``alora ui``), the demo adapters, and the ``alora`` command. Checked on a wheel built from this tree."""
 
+import importlib.machinery
 import shutil
 import subprocess
 import sys
@@ -61,3 +62,20 @@ def test_the_ui_package_imports_by_its_installed_name():
     proc = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.strip() == "alora_app.ui"
+
+
+def test_the_checkout_root_on_sys_path_does_not_shadow_hugging_faces_kernels():
+    """``python -m ...`` from the checkout puts its root, and so our kernels/ folder, first on sys.path; transformers
+    imports Hugging Face's ``kernels`` package when it is installed, and must get that package, not ours."""
+    code = ("import kernels, alora_kernels; "
+            "print(kernels.__name__, kernels.__file__); print(alora_kernels.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    elsewhere = [p for p in sys.path if Path(p or ".").resolve() != REPO]
+    installed = importlib.machinery.PathFinder.find_spec("kernels", elsewhere)
+    if installed is None:  # no HF package: the name stays free
+        assert out.returncode == 1 and "No module named 'kernels'" in out.stderr
+        return
+    assert out.returncode == 0, out.stderr
+    ours, theirs = out.stdout.splitlines()[1], out.stdout.splitlines()[0]
+    assert Path(ours).resolve() == REPO / "kernels" / "__init__.py"
+    assert Path(theirs.split()[1]).resolve() == Path(installed.origin).resolve()

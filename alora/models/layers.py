@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alora.context import SeqSpan, get_context
-from alora_kernels import mixed_lora_linear
+from alora_kernels import cpu_gemv, mixed_lora_linear
 
 try:  # optional: used on CUDA when installed
     from flash_attn import flash_attn_func
@@ -21,12 +21,12 @@ except ImportError:
 class LoraStack:
     """The low-rank weights of every loaded adapter for one projection, indexed by adapter slot.
 
-    ``A`` [S, r, in], ``B`` [S, out, r] (smaller ranks zero-padded), ``scale`` [S] float32.
+    ``A`` [S, r, in], ``B`` [S, out, r] (smaller ranks zero-padded); each adapter's scaling (``lora_alpha / r``,
+    per module with PEFT's alpha and rank patterns) is folded into its B, so the kernel gets no ``scale``.
     """
 
     A: torch.Tensor
     B: torch.Tensor
-    scale: torch.Tensor
 
 
 class Linear(nn.Module):
@@ -34,6 +34,9 @@ class Linear(nn.Module):
 
     Fused projections (q|k|v, gate|up) list their parts' output sizes in ``parts`` so adapters trained on
     the separate projections can be stacked into the fused layout.
+
+    On CPU, decode-sized inputs (up to ``cpu_gemv.MAX_ROWS`` rows) go through our GEMV kernel, which streams
+    a row-major weight: where it runs, the first forward makes a transposed-storage weight contiguous, once.
     """
 
     def __init__(self, in_features: int, out_features: int | list[int], bias: bool):
@@ -45,11 +48,14 @@ class Linear(nn.Module):
         self.lora: LoraStack | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.weight.is_contiguous() and cpu_gemv.needs_row_major(self.weight):
+            with torch.inference_mode(False):  # a normal tensor, like the one it replaces
+                self.weight.data = self.weight.data.contiguous()
         ctx = get_context()
         if ctx.slots is None or self.lora is None:
-            return F.linear(x, self.weight, self.bias)
+            return cpu_gemv.linear(x, self.weight, self.bias)
         lora = self.lora
-        return mixed_lora_linear(x, self.weight, self.bias, lora.A, lora.B, lora.scale, ctx.slots, runs=ctx.slot_runs)
+        return mixed_lora_linear(x, self.weight, self.bias, lora.A, lora.B, None, ctx.slots, runs=ctx.slot_runs)
 
 
 class RMSNorm(nn.Module):

@@ -1,0 +1,102 @@
+"""Decode-sized linear layers on CPU: ``y = x·Wᵀ (+ bias)`` for a few rows of x, at the memory's bandwidth.
+
+With one to a few rows of activations a projection is bound by the bytes of W it reads. torch's CPU GEMV
+streams float32 weights at about half the bandwidth this machine kind has, and its GEMM for 4-8 rows is
+slower still than for one; ``cpu_gemv.cpp`` reads each weight byte once for all rows (float32 with FMA,
+bfloat16 with AVX512_BF16 dot products and float32 accumulation), on torch's intra-op threads.
+
+The extension is compiled on first use with ``torch.utils.cpp_extension`` into ``$ALORA_CACHE/ext``
+(default ``~/.cache/alora/ext``; once, about 20 s, reused afterwards while the source is unchanged). Where it
+cannot run (no AVX-512, no bfloat16 dot products for bf16, no compiler, a build error) ``linear`` is
+``F.linear``, after a one-line warning.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from functools import cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["MAX_ROWS", "available", "linear", "needs_row_major"]
+
+MAX_ROWS = 16
+"""Most rows of x the kernel takes; more rows (prefill) go to torch's GEMM, which is compute-bound there."""
+
+_SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def build_dir() -> Path:
+    """Where the compiled extension is cached: ``$ALORA_CACHE/ext`` (default ``~/.cache/alora/ext``)."""
+    return Path(os.environ.get("ALORA_CACHE", Path.home() / ".cache" / "alora")) / "ext"
+
+
+@cache
+def _dtypes() -> frozenset[torch.dtype]:
+    """The dtypes the kernel serves on this machine; builds and loads the extension on first call."""
+    flags = _cpu_flags()
+    if not {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
+        warnings.warn("alora: this CPU lacks AVX-512; decode projections use torch's F.linear", stacklevel=3)
+        return frozenset()
+    try:
+        from torch.utils.cpp_extension import load
+
+        folder = build_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        load(name="alora_gemv", sources=[str(_SOURCE)], build_directory=str(folder), is_python_module=False,
+             extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp"],
+             extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # no compiler, missing headers, a failed build: torch's path still works
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        first = next((ln for ln in lines if "error:" in ln), lines[0])[:300]  # the compiler's own complaint
+        warnings.warn(f"alora: could not build the CPU GEMV kernel ({first}); decode projections use torch's "
+                      f"F.linear", stacklevel=3)
+        return frozenset()
+    return frozenset({torch.float32, torch.bfloat16} if "avx512_bf16" in flags else {torch.float32})
+
+
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether ``linear`` runs the kernel for ``dtype`` on this machine (builds the extension on first call)."""
+    return dtype in _dtypes()
+
+
+def needs_row_major(W: torch.Tensor) -> bool:
+    """Whether ``W`` [N, K] should be made contiguous once so that ``linear`` can stream it.
+
+    True for a CPU weight of a dtype the kernel serves whose rows are not contiguous (e.g. a transposed copy
+    kept for torch's GEMV); the kernel reads only row-major weights and leaves others to ``F.linear``.
+    """
+    return W.device.type == "cpu" and not W.is_contiguous() and available(W.dtype)
+
+
+def linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, W, bias)``, through the kernel for 1 to ``MAX_ROWS`` rows of x on CPU.
+
+    The kernel runs where x is [M, K] with M <= ``MAX_ROWS``, W a contiguous [N, K] of x's dtype (float32, or
+    bfloat16 on CPUs with AVX512_BF16), bias None or [N] of that dtype, and no gradient is wanted; everything
+    else is ``F.linear``'s (the compiled op decides, in C++, so the choice costs nothing per call). Results
+    match ``F.linear`` to float32 rounding (bfloat16: one rounding of a float32 sum, as torch's), and each row's
+    result does not depend on the other rows of x or on the thread count.
+    """
+    return _impl(x, W, bias)
+
+
+def _first_call(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    global _impl
+    _impl = torch.ops.alora_gemv.linear.default if _dtypes() else F.linear
+    return _impl(x, W, bias)
+
+
+_impl = _first_call
