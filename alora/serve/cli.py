@@ -2,6 +2,9 @@
 
     alora serve [--model PATH] [--adapter NAME=PATH ...] [--host 127.0.0.1] [--port 8000] [--served-model-name NAME]
                 [--kv-cache-gb X] [--max-queue N] [--api-key KEY] [--allow-runtime-adapters --adapter-dir DIR] [--ui]
+                [--ray --replicas N [--max-replicas M] [--replica-cpus C] [--replica-gpus G]]
+
+``--ray`` runs the same API as a Ray Serve application on a local Ray instance (``alora.serve.ray_app``).
 
 Heavy imports (torch, FastAPI, uvicorn, gradio) happen when the command runs, not when the parser is built.
 """
@@ -36,6 +39,17 @@ def add_parser(subparsers) -> None:
                    help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --adapter-dir)")
     p.add_argument("--adapter-dir", type=Path, help="the only directory runtime adapters may be loaded from")
     p.add_argument("--ui", action="store_true", help="also serve the Gradio chat UI at /ui, sharing the engine")
+    group = p.add_argument_group(
+        "Ray Serve (needs the 'ray' extra)",
+        "--ray serves the same API from N engine replicas on a local Ray instance; a conversation stays on the "
+        "replica holding its KV: by its x-session-id header, else by its prompt's prefix (alora.serve.ray_app)")
+    group.add_argument("--ray", action="store_true", help="serve as a Ray Serve application")
+    group.add_argument("--replicas", type=int, default=1, help="engine replicas (default 1)")
+    group.add_argument("--max-replicas", type=int,
+                     help="let Ray Serve's autoscaling add replicas up to this many (default: a fixed --replicas)")
+    group.add_argument("--replica-cpus", type=float,
+                     help="CPUs each replica reserves, fractions allowed (default: this machine's CPUs / replicas)")
+    group.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs each replica reserves (default 0)")
     p.set_defaults(func=_main)
 
 
@@ -47,10 +61,22 @@ def _main(args: argparse.Namespace) -> int:
         problems.append(f"--adapter-dir {args.adapter_dir}: no such directory")
     if args.ui and args.api_key:
         problems.append("--ui cannot be combined with --api-key: a browser cannot send the key")
+    if args.ray:
+        if args.ui or args.allow_runtime_adapters:
+            problems.append("--ray serves neither --ui nor --allow-runtime-adapters: each would change one replica "
+                            "only; load adapters with --adapter")
+        if args.replicas < 1 or (args.max_replicas is not None and args.max_replicas < args.replicas):
+            problems.append("--replicas must be >= 1, and --max-replicas >= --replicas")
+        if args.replica_cpus is not None and args.replica_cpus <= 0:
+            problems.append("--replica-cpus must be > 0")
+    elif args.max_replicas is not None or args.replica_cpus is not None or args.replicas != 1 or args.replica_gpus:
+        problems.append("--replicas, --max-replicas, --replica-cpus and --replica-gpus need --ray")
     for problem in problems:
         print(f"alora serve: error: {problem}", file=sys.stderr)
     if problems:
         return 2
+    if args.ray:
+        return _main_ray(args)
 
     import uvicorn
 
@@ -59,7 +85,7 @@ def _main(args: argparse.Namespace) -> int:
 
     engine = alora.Engine.from_pretrained(args.model, kv_cache_gb=args.kv_cache_gb, max_queue=args.max_queue)
     try:
-        _load_adapters(engine, args.adapter)
+        load_adapters(engine, args.adapter)
         app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key,
                          allow_runtime_adapters=args.allow_runtime_adapters, adapter_dir=args.adapter_dir)
         if args.ui:
@@ -81,7 +107,23 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _load_adapters(engine, specs: list[str] | None) -> None:
+def _main_ray(args: argparse.Namespace) -> int:
+    from alora.serve import ray_app
+
+    spec = ray_app.ReplicaSpec(model=args.model, adapters=tuple(args.adapter) if args.adapter else None,
+                               served_model_name=args.served_model_name, kv_cache_gb=args.kv_cache_gb,
+                               max_queue=args.max_queue, api_key=args.api_key)
+    cpus = args.replica_cpus or (os.cpu_count() or 1) / (args.max_replicas or args.replicas)
+    app = ray_app.build_app(spec, replicas=args.replicas, max_replicas=args.max_replicas, replica_cpus=cpus,
+                            replica_gpus=args.replica_gpus)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host}: anyone who can reach this address can use the model"
+              + ("" if args.api_key else " (no --api-key)"), file=sys.stderr)
+    return ray_app.serve_forever(app, host=args.host, port=args.port, replicas=args.replicas,
+                                 label=args.served_model_name or args.model or "the default model")
+
+
+def load_adapters(engine, specs: list[str] | None) -> None:
     """Load ``NAME=PATH`` specs; with none, the demo adapters (those that do not fit the model are skipped)."""
     import alora
 
