@@ -9,7 +9,7 @@ BASE   := $(VENV)/.setup-base
 UI     := $(VENV)/.setup-ui
 STAMP  := $(VENV)/.setup-done
 
-.PHONY: setup setup-ui demo test bench clean
+.PHONY: setup setup-ui demo test bench peers clean
 
 setup: $(STAMP)
 setup-ui: $(UI)
@@ -40,6 +40,11 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/switch_latency.py
+
+# llama.cpp as a benchmark peer, built from source into benchmarks/peers/.build/ (minutes; never run by CI or
+# `make test`); the benchmarks add llama.cpp columns once it is there
+peers: setup
+	PROJECT_PY=$(abspath $(PY)) bash benchmarks/peers/llamacpp.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

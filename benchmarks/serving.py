@@ -25,8 +25,15 @@ Targets (issue 10), printed as met / missed / not evaluated: at K_max the aLoRA 
 throughput; >= 90% of the aLoRA run's prompt tokens from cache; intrinsic p50 TTFT at K_max <= 2x K=1; at a
 budget that holds all histories once but not once per adapter, aLoRA >= 3x LoRA throughput at K_max.
 
-Another server is another entry in ``TARGETS`` (how to start it, how a request picks an adapter, its metric
-names); only ``alora`` exists so far. Writes benchmarks/results/serving[_quick].json and .png.
+Another server is another entry in ``TARGETS`` (how to start it, how a request picks an adapter and is sent, its
+metric names). ``--target alora,llamacpp`` runs llama.cpp's ``llama-server`` (built by ``make peers``) side by side
+in one run: the F32 GGUF of the same weights, the demo adapters converted by llama.cpp's ``convert_lora_to_gguf.py``
+(selected per request with its ``lora`` field), one server per K with ``-np K`` slots, its prompt cache with
+``--cache-reuse``, the same threads. It gets the token ids our server would run (the chat template rendered by our
+tokenizer; an aLoRA's invocation appended) through ``/v1/completions``. Before the runs, a few greedy prompts go to
+both servers, base model and every adapter, and whether the outputs match is recorded (``parity``); with llama.cpp
+in the run, the issue-11 comparison at the largest K is printed too. Writes benchmarks/results/serving[_quick].json
+and .png.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import cycle
 from pathlib import Path
 from typing import Callable
@@ -54,6 +61,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (CpuGuard, add_guard_args, filler, machine_info, now, print_table, pyplot,  # noqa: E402
                     result_path, save_figure, versions, write_json)
+from peers import llamacpp  # noqa: E402
 
 
 # ---- the workload, fixed before anything is measured -------------------------------------------------------
@@ -79,6 +87,8 @@ SYSTEM_PROMPT = "You answer questions about the documents the user gives you. Be
 QUESTIONS = ("Which document talks about music, and what does it say?", "What is the main point of document 2?",
              "Do any two documents disagree?", "Summarize the documents in two sentences.",
              "What would you ask the author of document 1?", "Which document is the most useful, and why?")
+LLAMACPP_SLOT_CTX = 4096  # tokens of context per llama-server slot: the longest FULL conversation is ~2.2k
+PARITY_TOKENS = 16  # greedy tokens per parity prompt
 REQUEST_TIMEOUT_S = 600
 START_TIMEOUT_S = 600  # the first start may convert the default model (~40 s on an idle machine)
 METRICS_EVERY_S = 0.5
@@ -92,21 +102,30 @@ def first_message(wl: Workload, seed: int) -> str:
 
 # ---- targets: a server to start, and how its requests pick an adapter ---------------------------------------
 
+def _chat_request(fields: dict, messages: list[dict]) -> tuple[str, dict]:
+    return "/v1/chat/completions", {**fields, "messages": messages}
+
+
 @dataclass(frozen=True)
 class Target:
     """A server the load generator can drive.
 
-    ``command(port, kv_cache_gb)`` is its argv on 127.0.0.1 (``kv_cache_gb`` None: its default budget);
-    ``select(adapter, models)`` gives the request fields that pick the base model (``adapter`` None) or an adapter,
-    ``models`` being the server's ``GET /v1/models`` data; ``metrics`` maps our names to its Prometheus series
-    (a series it lacks is reported as missing). llama.cpp's llama-server, for one, would pick an adapter with a
-    ``lora`` field and export ``llamacpp:`` series.
+    ``command(port, kv_cache_gb, slots)`` is its argv on 127.0.0.1 (``kv_cache_gb`` None: its default budget;
+    ``slots``: the run's K, for a server whose parallel slots are fixed at start, which then gets one server per K:
+    ``per_k``); ``select(adapter, models)`` gives the request fields that pick the base model (``adapter`` None) or
+    an adapter, ``models`` being the server's ``GET /v1/models`` data, with ``model`` naming the adapter in our
+    records; ``request(fields, messages)`` gives the path and body of a streamed greedy request (default: a chat
+    completion); ``metrics`` maps our names to its Prometheus series (a series it lacks is reported as missing);
+    ``info`` goes into the results.
     """
     name: str
-    command: Callable[[int, float | None], list[str]]
+    command: Callable[[int, float | None, int], list[str]]
     select: Callable[[str | None, list[dict]], dict]
     metrics: dict[str, str]
     health: str = "/health"
+    per_k: bool = False
+    request: Callable[[dict, list[dict]], tuple[str, dict]] = _chat_request
+    info: dict = field(default_factory=dict)
 
 
 def _alora_select(adapter: str | None, models: list[dict]) -> dict:
@@ -115,13 +134,62 @@ def _alora_select(adapter: str | None, models: list[dict]) -> dict:
 
 TARGETS = {"alora": Target(
     name="alora",
-    command=lambda port, gb: [sys.executable, "-m", "alora.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    + ([] if gb is None else ["--kv-cache-gb", f"{gb:.4g}"]),
+    command=lambda port, gb, slots: [sys.executable, "-m", "alora.cli", "serve", "--host", "127.0.0.1",
+                                     "--port", str(port)] + ([] if gb is None else ["--kv-cache-gb", f"{gb:.4g}"]),
     select=_alora_select,
     metrics={"hits": "vllm:prefix_cache_hits_total", "queries": "vllm:prefix_cache_queries_total",
              "running": "vllm:num_requests_running", "budget": "alora:kv_cache_budget_bytes",
              "capacity": "alora:kv_cache_capacity_bytes", "used": "alora:kv_cache_used_bytes",
              "evictions": "alora:kv_evictions_total"})}
+
+
+def llamacpp_target(threads: int, base_lora: str) -> Target | None:
+    """llama-server of the built peer (None if not built): F32 GGUF, every converted demo adapter loaded at scale 0.
+
+    A request gets the ids our server runs for the same chat request: the chat template rendered by our tokenizer,
+    with the generation prompt for the base model and a LoRA, and for an aLoRA without it but followed by the
+    invocation tokens. Its ``lora`` field sets the chosen adapter's scale to 1; a base request sends every adapter
+    at scale 0 (``base_lora="zeros"``) or no ``lora`` field (``"omit"``): llama-server clears a slot's cache
+    when the adapters named in a request change from an aLoRA to none, and does not look when the field is absent.
+    """
+    m = llamacpp.manifest()
+    if m is None:
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(m["base_safetensors"])
+    adapters = llamacpp.converted_adapters(m)
+    names = sorted(adapters)  # --lora order: llama-server's adapter ids
+
+    def render(messages: list[dict], generation_prompt: bool) -> list[int]:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    def select(adapter: str | None, models: list[dict]) -> dict:
+        if adapter is not None and adapter not in adapters:
+            raise KeyError(f"llama-server has no GGUF of the adapter {adapter!r} (converted: {names})")
+        lora = [{"id": i, "scale": float(n == adapter)} for i, n in enumerate(names)]
+        return {"model": adapter or "base", **({} if adapter is None and base_lora == "omit" else {"lora": lora})}
+
+    def request(fields: dict, messages: list[dict]) -> tuple[str, dict]:
+        body = {k: v for k, v in fields.items() if k != "model"}
+        inv = adapters[fields["model"]]["alora_invocation_tokens"] if fields["model"] in adapters else None
+        ids = render(messages, not inv) + list(inv or [])
+        return "/v1/completions", {**body, "prompt": ids, "cache_prompt": True}
+
+    return Target(
+        name="llamacpp",
+        command=lambda port, gb, slots: llamacpp.server_command(m, port, slots, LLAMACPP_SLOT_CTX, threads,
+                                                                [adapters[n]["gguf"] for n in names]),
+        select=select, request=request, per_k=True,
+        metrics={"running": "llamacpp:requests_processing"},
+        info={"server": m["llama_server"], "llama_cpp_python_sdist": m["built_from"], "system_info": m["system_info"],
+              "model": m["models"]["F32"], "threads": threads, "slot_ctx": LLAMACPP_SLOT_CTX,
+              "adapters": {n: {"gguf": adapters[n]["gguf"], "read_as": adapters[n]["read_as"],
+                               "invocation_tokens": adapters[n]["alora_invocation_tokens"]} for n in names},
+              "not_converted": sorted(set(m["adapters"]) - set(adapters)), "base_requests_lora": base_lora,
+              "flags": "-np K, -c K x slot_ctx, --cache-reuse 256, prompt cache (cache_prompt, --cache-ram default), "
+                       "--lora each adapter, --lora-init-without-apply, -t/-tb threads"})
 
 
 def free_port() -> int:
@@ -137,16 +205,17 @@ def check_loopback(url: str) -> str:
 
 
 @contextmanager
-def serve(target: Target, kv_cache_gb: float | None = None, url: str | None = None, pid: int | None = None):
+def serve(target: Target, kv_cache_gb: float | None = None, url: str | None = None, pid: int | None = None,
+          slots: int = 1):
     """Yields ``(url, pid)``: the server at ``url`` (``pid`` as given), or a fresh one of ``target`` on a free
-    loopback port, stopped (SIGINT, then SIGKILL after 30 s) when the block ends. Its output goes to a temporary
-    log, printed if it does not come up."""
+    loopback port (``slots``: parallel slots, where the target fixes them at start), stopped (SIGINT, then SIGKILL
+    after 30 s) when the block ends. Its output goes to a temporary log, printed if it does not come up."""
     if url:
         yield check_loopback(url), pid
         return
     port = free_port()
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(target.command(port, kv_cache_gb), stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(target.command(port, kv_cache_gb, slots), stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         url = f"http://127.0.0.1:{port}"
         try:
@@ -192,6 +261,7 @@ class Reply:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
+    turn: int | None = None   # the conversation's turn (base replies of the workload)
 
 
 class ServerError(RuntimeError):
@@ -199,12 +269,14 @@ class ServerError(RuntimeError):
 
 
 async def chat(http: httpx.AsyncClient, fields: dict, messages: list[dict], max_tokens: int, kind: str,
-               stop_after: int | None = None, **body) -> Reply:
-    """One streamed, greedy chat completion with usage; ``stop_after`` chunks: disconnect there (a cancel)."""
-    request = {**fields, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+               stop_after: int | None = None, target: Target | None = None, **body) -> Reply:
+    """One streamed, greedy chat completion with usage (sent as ``target`` sends it; default: a chat completion);
+    ``stop_after`` chunks: disconnect there (a cancel)."""
+    path, request = (target.request if target else _chat_request)(fields, messages)
+    request = {**request, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
                "stream_options": {"include_usage": True}, **body}
     t0, ttft, parts, usage, chunks = now(), None, [], {}, 0
-    async with http.stream("POST", "/v1/chat/completions", json=request) as r:
+    async with http.stream("POST", path, json=request) as r:
         if r.status_code != 200:
             raise ServerError(f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:300]}")
         async for line in r.aiter_lines():
@@ -217,7 +289,7 @@ async def chat(http: httpx.AsyncClient, fields: dict, messages: list[dict], max_
             if "error" in chunk:
                 raise ServerError(f"error in stream: {chunk['error']}")
             for choice in chunk.get("choices") or []:
-                piece = (choice.get("delta") or {}).get("content")
+                piece = (choice.get("delta") or {}).get("content") or choice.get("text")  # chat / completion
                 if ttft is None and (piece or choice.get("finish_reason")):
                     ttft = now() - t0
                 parts.append(piece or "")
@@ -261,12 +333,13 @@ async def conversation(http, target: Target, model_list: list[dict], adapters: t
     for turn in range(wl.turns):
         if turn:
             messages.append({"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)]})
-        reply = await chat(http, base, messages, wl.reply_tokens, "base")
+        reply = await chat(http, base, messages, wl.reply_tokens, "base", target=target)
+        reply.turn = turn
         replies.append(reply)
         messages.append({"role": "assistant", "content": reply.text})
         n = wl.calls_per_turn[turn % len(wl.calls_per_turn)]
         replies.extend(await asyncio.gather(*(chat(http, next(checks), list(messages), wl.intrinsic_tokens,
-                                                   "intrinsic") for _ in range(n))))
+                                                   "intrinsic", target=target) for _ in range(n))))
 
 
 async def run(url: str, target: Target, adapters: tuple[str, ...], K: int, wl: Workload, seed: int,
@@ -323,6 +396,8 @@ def summarize(replies: list[Reply], wall: float, K: int, before: dict, samples: 
         "wall_s": wall, "cut_at_time_limit": cut, "errors": errors, "requests": len(replies),
         "output_tokens": out_tokens, "output_tok_s": out_tokens / wall, "requests_s": len(replies) / wall,
         "base": latency_stats([r for r in replies if r.kind == "base"]),
+        # every turn after the first follows the previous turn's intrinsic calls on the same history
+        "base_after_intrinsic": latency_stats([r for r in replies if r.kind == "base" and r.turn]),
         "intrinsic": latency_stats([r for r in replies if r.kind == "intrinsic"]),
         "prompt_tokens": prompt, "cached_tokens": cached, "cache_hit_rate_usage": cached / prompt if prompt else None,
         "cache_hit_rate_metrics": (delta("hits") / delta("queries")) if delta("queries") else None,
@@ -338,9 +413,14 @@ def summarize(replies: list[Reply], wall: float, K: int, before: dict, samples: 
 
 # ---- targets ---------------------------------------------------------------------------------------------
 
+def _status(value, test) -> str:
+    return "not evaluated" if value is None else "met" if test(value) else "missed"
+
+
 def evaluate(runs: list[dict], ks: list[int]) -> list[dict]:
-    """The issue's four targets on the runs made: each met, missed or not evaluated (and why)."""
+    """The issue's four targets on our server's runs: each met, missed or not evaluated (and why)."""
     k1, km = min(ks), max(ks)
+    runs = [r for r in runs if r["target"] == "alora"]
     budgets = list(dict.fromkeys(r["kv_cache_gb"] for r in runs))
 
     def get(system: str, K: int, gb="first"):
@@ -350,8 +430,7 @@ def evaluate(runs: list[dict], ks: list[int]) -> list[dict]:
     rows = []
 
     def add(name: str, goal: str, value, test, why: str) -> None:
-        status = "not evaluated" if value is None else "met" if test(value) else "missed"
-        rows.append({"target": name, "goal": goal, "measured": value, "status": status,
+        rows.append({"target": name, "goal": goal, "measured": value, "status": _status(value, test),
                      **({"why": why} if value is None else {})})
 
     a1, am, lm = get("alora", k1), get("alora", km), get("lora", km)
@@ -382,12 +461,76 @@ def evaluate(runs: list[dict], ks: list[int]) -> list[dict]:
 
 def auto_budget(runs: list[dict], km: int) -> float:
     """GiB that hold 1.5x the aLoRA run's histories at K=km (first budget): every history once, not twice."""
+    runs = [r for r in runs if r["target"] == "alora"]
     first = runs[0]["kv_cache_gb"] if runs else None
     per_conv = next((r["kv"]["per_conversation_bytes"] for r in runs
                      if (r["system"], r["K"], r["kv_cache_gb"]) == ("alora", km, first)), None)
     if not per_conv:
         sys.exit("--kv-cache-gb auto needs a budget before it with an aLoRA run at the largest K")
     return round(1.5 * km * per_conv / 2**30, 4)
+
+
+def compare_peer(runs: list[dict], ks: list[int]) -> list[dict]:
+    """Issue 11's comparison with llama-server at the largest K (our server at its first budget), aLoRA system."""
+    km = max(ks)
+
+    def get(target: str):
+        return next((r for r in runs if (r["target"], r["system"], r["K"]) == (target, "alora", km)), None)
+
+    ours, peer = get("alora"), get("llamacpp")
+    rows = []
+    for name, goal, key, test in (
+            (f"throughput ours / llama-server, K={km}", ">= 3x", lambda r: 1 / r["output_tok_s"], lambda v: v >= 3),
+            (f"p50 TTFT of base turns after intrinsic calls, llama-server / ours, K={km}", ">= 3x",
+             lambda r: r["base_after_intrinsic"]["ttft_p50_s"], lambda v: v >= 3),
+            (f"p50 TTFT of intrinsic calls, llama-server / ours, K={km}", "reported", lambda r: r["intrinsic"][
+                "ttft_p50_s"], None)):
+        value = key(peer) / key(ours) if ours and peer and key(peer) and key(ours) else None
+        status = "not evaluated" if value is None else "reported" if test is None else _status(value, test)
+        rows.append({"target": name, "goal": goal, "measured": value, "status": status})
+    return rows
+
+
+def parity_cases() -> list[list[dict]]:
+    """Short conversations (their own documents) whose greedy outputs both servers give for every adapter."""
+    return [[{"role": "system", "content": SYSTEM_PROMPT},
+             {"role": "user", "content": first_message(QUICK, 900_000 + i)}] for i in range(3)]
+
+
+async def parity_outputs(url: str, target: Target) -> list[dict]:
+    """For each parity conversation: the base model, every adapter of ``SYSTEMS``, then the base model again
+    (after the adapters: a stale cache would show here), greedy, ``PARITY_TOKENS`` tokens, one at a time."""
+    adapters = sorted({a for names in SYSTEMS.values() for a in names})
+    out = []
+    async with client(url, 2) as http:
+        model_list = await models(http)
+        for i, messages in enumerate(parity_cases()):
+            for label, adapter in [("base", None)] + [(a, a) for a in adapters] + [("base_after_adapters", None)]:
+                r = await chat(http, target.select(adapter, model_list), messages, PARITY_TOKENS, "parity",
+                               target=target)
+                out.append({"case": i, "model": label, "text": r.text, "prompt_tokens": r.prompt_tokens,
+                            "completion_tokens": r.completion_tokens})
+    return out
+
+
+def parity(outputs: dict[str, list[dict]]) -> dict:
+    """Greedy outputs of the targets, compared case by case with ours (``alora``)."""
+    ours = {(o["case"], o["model"]): o for o in outputs.get("alora", [])}
+    cases, summary = [], {}
+    for name, outs in outputs.items():
+        if name == "alora":
+            continue
+        for o in outs:
+            ref = ours.get((o["case"], o["model"]))
+            same = ref is not None and ref["text"] == o["text"]
+            cases.append({"target": name, "case": o["case"], "model": o["model"], "match": same,
+                          "same_prompt_tokens": ref is not None and ref["prompt_tokens"] == o["prompt_tokens"],
+                          "ours": ref and ref["text"], "theirs": o["text"]})
+            key = f"{name}:{o['model']}"
+            hits, total = summary.get(key, (0, 0))
+            summary[key] = (hits + same, total + 1)
+    return {"tokens": PARITY_TOKENS, "decoding": "greedy", "match": "same output text",
+            "summary": {k: f"{h}/{t}" for k, (h, t) in summary.items()}, "cases": cases, "outputs": outputs}
 
 
 # ---- report ------------------------------------------------------------------------------------------------
@@ -410,34 +553,46 @@ def report(result: dict, png: Path) -> None:
     runs = result["runs"]
     print_table(f"Serving ({result['target']}): throughput and prefix cache; 'lora' sends every intrinsic call to "
                 f"{SYSTEMS['lora'][0]} (the only LoRA twin shipped)",
-                ["system", "GiB", "K", "requests", "errors", "wall s", "out tok/s", "req/s", "hit (usage)",
+                ["target", "system", "GiB", "K", "requests", "errors", "wall s", "out tok/s", "req/s", "hit (usage)",
                  "hit (metrics)", "KV MiB/conv", "evictions", "other cores", "flagged"],
-                [[r["system"], _budget(r), r["K"], r["requests"], len(r["errors"]), r["wall_s"],
+                [[r["target"], r["system"], _budget(r), r["K"], r["requests"], len(r["errors"]), r["wall_s"],
                   r["output_tok_s"], r["requests_s"], _v(r["cache_hit_rate_usage"]), _v(r["cache_hit_rate_metrics"]),
                   _v(r["kv"]["per_conversation_bytes"], 2**-20), _v(r["kv"]["evictions"]), r["other_cpu_cores"],
                   "yes" if r["flagged"] or r["cut_at_time_limit"] else ""] for r in runs])
-    print_table("Serving: latency (ms; TTFT = to the first content chunk, latency = to the end of the stream)",
-                ["system", "GiB", "K", "base TTFT p50", "p99", "base latency p50", "p99", "intrinsic TTFT p50", "p99",
-                 "intrinsic latency p50", "p99"],
-                [[r["system"], _budget(r), r["K"]]
-                 + [_v(r[kind][key], 1e3) for kind in ("base", "intrinsic")
-                    for key in ("ttft_p50_s", "ttft_p99_s", "latency_p50_s", "latency_p99_s")] for r in runs])
+    print_table("Serving: latency (ms; TTFT = to the first content chunk, latency = to the end of the stream; "
+                "'after intr.': base turns that follow intrinsic calls)",
+                ["target", "system", "GiB", "K", "base TTFT p50", "p99", "after intr. TTFT p50", "base latency p50",
+                 "p99", "intrinsic TTFT p50", "p99", "intrinsic latency p50", "p99"],
+                [[r["target"], r["system"], _budget(r), r["K"]]
+                 + [_v(r["base"][key], 1e3) for key in ("ttft_p50_s", "ttft_p99_s")]
+                 + [_v(r["base_after_intrinsic"]["ttft_p50_s"], 1e3)]
+                 + [_v(r["base"][key], 1e3) for key in ("latency_p50_s", "latency_p99_s")]
+                 + [_v(r["intrinsic"][key], 1e3) for key in ("ttft_p50_s", "ttft_p99_s", "latency_p50_s",
+                                                             "latency_p99_s")] for r in runs])
     print_table("Targets (issue 10)", ["target", "goal", "measured", "status"],
                 [[t["target"], t["goal"], _v(t["measured"]), t["status"]] for t in result["targets"]])
     for t in result["targets"]:
         if "why" in t or "kv_cache_gb" in t:
             print(f"  {t['target']}: " + (t.get("why") or f"at {t['kv_cache_gb']:.3g} GiB"))
+    if result.get("peer_comparison"):
+        print_table("Against llama-server (issue 11)", ["comparison", "goal", "measured", "status"],
+                    [[t["target"], t["goal"], _v(t["measured"]), t["status"]] for t in result["peer_comparison"]])
+    if result.get("parity"):
+        print_table(f"Greedy outputs equal to ours ({PARITY_TOKENS} tokens; cases matched / cases)",
+                    ["target:model", "matched"], [[k, v] for k, v in result["parity"]["summary"].items()])
     plot(result, png)
 
 
 def plot(result: dict, png: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    series = dict.fromkeys((r["system"], r["kv_cache_gb"]) for r in result["runs"])
-    for system, gb in series:
-        rs = [r for r in result["runs"] if (r["system"], r["kv_cache_gb"]) == (system, gb)]
+    series = dict.fromkeys((r["target"], r["system"], r["kv_cache_gb"]) for r in result["runs"])
+    for target, system, gb in series:
+        rs = [r for r in result["runs"] if (r["target"], r["system"], r["kv_cache_gb"]) == (target, system, gb)]
         ks = [r["K"] for r in rs]
-        style = dict(marker="o", label=f"{system}, {_budget(rs[0])} GiB", linestyle="-" if system == "alora" else "--")
+        label = f"{system}, {_budget(rs[0])} GiB" if target == "alora" else f"{target}: {system}"
+        style = dict(marker="o" if target == "alora" else "s", label=label,
+                     linestyle="-" if system == "alora" else "--")
         axes[0].plot(ks, [r["output_tok_s"] for r in rs], **style)
         axes[1].plot(ks, [(r["intrinsic"]["ttft_p50_s"] or float("nan")) * 1e3 for r in rs], **style)
         axes[2].plot(ks, [(r["kv"]["per_conversation_bytes"] or float("nan")) / 2**20 for r in rs], **style)
@@ -447,7 +602,7 @@ def plot(result: dict, png: Path) -> None:
         ax.set_xticks(sorted({r["K"] for r in result["runs"]}))
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Serving through the OpenAI API ({result['target']}, loopback): aLoRA vs LoRA twin")
+    fig.suptitle(f"Serving on loopback ({result['target']}): aLoRA vs LoRA twin")
     save_figure(fig, png)
 
 
@@ -455,7 +610,14 @@ def plot(result: dict, png: Path) -> None:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", choices=sorted(TARGETS), default="alora", help="the server to benchmark (default alora)")
+    p.add_argument("--target", type=lambda s: s.split(","),
+                   help="servers to benchmark in one run, comma-separated, from alora, llamacpp (llama.cpp's "
+                        "llama-server, built by `make peers`); default: alora, and llamacpp when built (not with --url)")
+    p.add_argument("--threads", type=int, help="llama-server's threads (default: torch's thread count here, which "
+                                               "our server also uses)")
+    p.add_argument("--llamacpp-base-lora", choices=["zeros", "omit"], default="zeros",
+                   help="how a base request to llama-server names no adapter: every adapter at scale 0 (default; "
+                        "llama-server then clears a slot's cache after an aLoRA call) or no lora field")
     p.add_argument("--url", help="benchmark the server running at this loopback URL instead of starting one "
                                  "(its adapters must include those of --systems; one budget only)")
     p.add_argument("--server-pid", type=int, help="with --url: the server's PID, so that its CPU use is not "
@@ -476,6 +638,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/serving[_quick].json)")
     add_guard_args(p, repeat=False)
     args = p.parse_args()
+    if args.target and (unknown := set(args.target) - {"alora", "llamacpp"}):
+        p.error(f"--target: unknown {sorted(unknown)}")
+    if args.url and args.target and len(args.target) > 1:
+        p.error("--url: one target only (the running server's)")
     if args.url and args.kv_cache_gb not in (None, ["default"]):
         p.error("--url: the running server has one budget; leave --kv-cache-gb out")
     args.kv_cache_gb = args.kv_cache_gb or (["default"] if args.quick or args.url else ["default", "auto"])
@@ -489,37 +655,76 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def resolve_targets(args) -> list[Target]:
+    """The targets to run; llamacpp is left out, with a message, when the peer is not built."""
+    names = args.target or (["alora"] if args.url else ["alora", "llamacpp"])
+    targets = []
+    for name in names:
+        if name == "llamacpp":
+            target = llamacpp_target(args.threads, args.llamacpp_base_lora)
+            if target is None:
+                print(llamacpp.NOT_BUILT, file=sys.stderr)
+                continue
+            targets.append(target)
+        else:
+            targets.append(TARGETS[name])
+    if not targets:
+        sys.exit(llamacpp.NOT_BUILT)
+    return targets
+
+
 def main() -> None:
     args = parse_args()
+    import torch
+
+    args.threads = args.threads or torch.get_num_threads()
     wl = QUICK if args.quick else FULL
-    target = TARGETS[args.target]
+    targets = resolve_targets(args)
     ks = args.concurrency or list(wl.concurrency)
     guard = CpuGuard(args.max_other_cores, retries=0)  # a run cannot be repeated on a cold cache: flag, not repeat
     runs: list[dict] = []
-    for spec in args.kv_cache_gb:
-        gb = auto_budget(runs, max(ks)) if spec == "auto" else None if spec == "default" else float(spec)
-        with serve(target, gb, args.url, args.server_pid) as (url, pid):
-            guard.pids = (pid,) if pid else ()
-            served = {m["id"] for m in asyncio.run(_models(url))}
-            if missing := {a for s in args.systems for a in SYSTEMS[s]} - served:
-                sys.exit(f"the server at {url} lacks the adapters {sorted(missing)} (it serves {sorted(served)})")
-            for system in args.systems:
-                for K in ks:
-                    seed = 1000 * (len(runs) + 1)  # documents of its own: no run is served from another's prefixes
-                    result, cpu = guard.run(lambda: asyncio.run(run(url, target, SYSTEMS[system], K, wl, seed,
-                                                                    60 * args.max_minutes)))
-                    runs.append({"system": system, "K": K, "kv_cache_gb": gb, **cpu, **result})
-                    print(f"{system:5s} K={K} budget {_gb(gb)} GiB: {result['output_tok_s']:.3g} tok/s, "
-                          f"{result['requests']} requests in {result['wall_s']:.3g} s, {len(result['errors'])} errors",
-                          file=sys.stderr)
+    outputs: dict[str, list[dict]] = {}  # greedy parity outputs per target
+    for target in targets:
+        # one server per budget; a target whose slots are fixed at start gets one per K (its own budget only)
+        servers = [(spec, (K,)) for spec in ["default"] for K in ks] if target.per_k else \
+            [(spec, tuple(ks)) for spec in args.kv_cache_gb]
+        for spec, server_ks in servers:
+            gb = auto_budget(runs, max(ks)) if spec == "auto" else None if spec == "default" else float(spec)
+            with serve(target, gb, args.url, args.server_pid, slots=max(server_ks)) as (url, pid):
+                guard.pids = (pid,) if pid else ()
+                if target.name == "alora":
+                    served = {m["id"] for m in asyncio.run(_models(url))}
+                    if missing := {a for s in args.systems for a in SYSTEMS[s]} - served:
+                        sys.exit(f"the server at {url} lacks the adapters {sorted(missing)} (it serves "
+                                 f"{sorted(served)})")
+                if "llamacpp" in (t.name for t in targets) and target.name not in outputs:
+                    outputs[target.name] = asyncio.run(parity_outputs(url, target))
+                for system in args.systems:
+                    for K in server_ks:
+                        seed = 1000 * (len(runs) + 1)  # documents of its own: no run is served from another's
+                        result, cpu = guard.run(lambda: asyncio.run(run(url, target, SYSTEMS[system], K, wl, seed,
+                                                                        60 * args.max_minutes)))
+                        runs.append({"target": target.name, "system": system, "K": K, "kv_cache_gb": gb, **cpu,
+                                     **result})
+                        print(f"{target.name} {system:5s} K={K} budget {_gb(gb)} GiB: {result['output_tok_s']:.3g} "
+                              f"tok/s, {result['requests']} requests in {result['wall_s']:.3g} s, "
+                              f"{len(result['errors'])} errors", file=sys.stderr)
+    if outputs and "alora" not in outputs:  # llama.cpp alone: our outputs still, from a server of our own
+        with serve(TARGETS["alora"]) as (url, _):
+            outputs["alora"] = asyncio.run(parity_outputs(url, TARGETS["alora"]))
     out = args.out or result_path("serving", "cpu", args.quick, "json")
     result = {"benchmark": "serving", "quick": args.quick, "machine": machine_info("cpu"), "versions": versions(),
-              "target": target.name,
+              "target": ",".join(t.name for t in targets),
+              "targets_info": {t.name: t.info for t in targets if t.info},
               "workload": {**asdict(wl), "concurrency": ks, "systems": {s: SYSTEMS[s] for s in args.systems},
                            "system_prompt": SYSTEM_PROMPT, "questions": QUESTIONS, "decoding": "greedy (temperature 0)",
                            "intrinsic_calls": "sent at once after each base reply, on the history including it"},
-              "config": {"kv_cache_gb": args.kv_cache_gb, "url": args.url, "max_minutes": args.max_minutes},
+              "config": {"kv_cache_gb": args.kv_cache_gb, "url": args.url, "max_minutes": args.max_minutes,
+                         "threads_llamacpp": args.threads},
               "runs": runs, "targets": evaluate(runs, ks), "cpu_guard": guard.summary()}
+    if any(t.name == "llamacpp" for t in targets):
+        result["peer_comparison"] = compare_peer(runs, ks)
+        result["parity"] = parity(outputs)
     write_json(out, result)
     report(result, out.with_suffix(".png"))
     guard.report()

@@ -12,7 +12,12 @@ One run measures, side by side, on the same model and the same random-weight ada
                        run, the copy untimed and reported as ``copy_s``);
    - ``peft_lora``     transformers + PEFT, the LoRA folder, generate on the full ids from scratch;
    - ``base_floor``    ours, base model: prefill of the same invocation tokens on the cached history + decode,
-                       the floor an aLoRA call can reach.
+                       the floor an aLoRA call can reach;
+   - ``llamacpp_alora`` llama.cpp (``make peers``; left out with a message when not built), F32 GGUF of the same
+                       weights, the same aLoRA converted by llama.cpp's ``convert_lora_to_gguf.py``, on its own KV
+                       cache of the history (prefilled untimed), applied by llama-server's aLoRA rule (adapter off
+                       before the activation point, on from it; llama-server activates one token before the
+                       invocation, so that token is recomputed each call), timed inside the worker process.
    Each is timed ``--runs`` times after one warm-up at every L; medians and the ratios are reported.
 2. Chat: N turns of base chat, each followed by 1-3 adapter calls (cycling), with aLoRAs vs the equivalent LoRAs.
 3. Scaling: k = 1..8 different adapters invoked one after another on the same history.
@@ -46,10 +51,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (FirstTokenStreamer, OtherCpu, add_guard_args, filler, guard_from_args,  # noqa: E402
                     machine_info, now, print_table, progress, pyplot, result_path, save_figure, setup_torch, sync,
                     versions, write_json)
+from peers import llamacpp  # noqa: E402
 
 TASKS = ("judge", "title", "certainty", "safety", "summary", "answerability", "citation", "rewrite")
 RANK, ALPHA, TARGETS = 32, 32, ["q_proj", "k_proj", "v_proj"]  # IBM's intrinsics: r=32 on q/k/v
-METHODS = ("alora_invoke", "lora_invoke", "merge_swap", "peft_alora", "peft_lora", "base_floor")
+METHODS = ("alora_invoke", "lora_invoke", "merge_swap", "peft_alora", "peft_lora", "base_floor", "llamacpp_alora")
 USER_TURNS = ("Can you summarize what we discussed so far?", "What would be a good next step?",
               "Explain the main risk in one paragraph.", "Give me three examples.", "How confident are you?",
               "Rewrite that for a child.", "What did I ask first?", "Any final advice?")
@@ -70,6 +76,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--chat-history", type=int, default=1024, help="tokens of history before the first turn")
     p.add_argument("--chat-reply-tokens", type=int, default=64, help="tokens of each base-model reply")
     p.add_argument("--skip-peer", action="store_true", help="leave out transformers + PEFT")
+    p.add_argument("--skip-llamacpp", action="store_true", help="leave out llama.cpp (included when `make peers` "
+                                                                "has built it)")
     p.add_argument("--quick", action="store_true", help="smoke run (< 2 min): L=128,256, 2 runs, 8 tokens, small "
                                                         "chat and scaling; writes *_quick files")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/switch_latency[_cuda][_quick].json)")
@@ -321,6 +329,43 @@ class Peer:
         return {**sample, "copy_s": copy_s}, toks
 
 
+# ---- the peer: llama.cpp ------------------------------------------------------------------------------------
+
+class LlamaCpp:
+    """llama.cpp's aLoRA call on the F32 GGUF, through the peer's worker; ``None`` from ``start`` when not built."""
+
+    def __init__(self, m: dict, task: Task, tmp: Path, threads: int, n_ctx: int):
+        gguf = llamacpp.convert_adapter(m, task.alora_dir, tmp / f"{task.alora}.gguf")
+        self.worker = llamacpp.Worker(m)
+        self.info = self.worker.load("F32", m["models"]["F32"]["path"], threads, n_ctx, {task.alora: str(gguf)})
+        self.adapter, self.pid = task.alora, self.worker.pid
+        self.info.update(llama_cpp_python=m["llama_cpp_python"], system_info=m["system_info"],
+                         adapter_gguf="converted here from the PEFT folder by llama.cpp's convert_lora_to_gguf.py")
+
+    @classmethod
+    def start(cls, args, task: Task, tmp: Path, n_ctx: int) -> "LlamaCpp | None":
+        if args.skip_llamacpp:
+            return None
+        m = llamacpp.manifest()
+        if m is None or args.device != "cpu":
+            print(llamacpp.NOT_BUILT if m is None else f"llama.cpp: the peer is built for the CPU; left out of a "
+                  f"--device {args.device} run", file=sys.stderr)
+            return None
+        return cls(m, task, tmp, args.threads, n_ctx)
+
+    def prime(self, history: list[int]) -> None:
+        """The history's base KV, computed once (untimed) on a fresh cache."""
+        self.worker.generate("F32", history, 0, fresh=True)
+
+    def call(self, prompt: list[int], n: int, activation: str = "server") -> tuple[dict, list[int]]:
+        r = self.worker.generate("F32", prompt, n, self.adapter, activation=activation)
+        return ({"ttft_s": r["prefill_s"], "total_s": r["total_s"], "tokens": len(r["tokens"]),
+                 "reused_tokens": r["reused_tokens"], "prefill_tokens": r["prefill_tokens"]}, r["tokens"])
+
+    def close(self) -> None:
+        self.worker.close()
+
+
 def dynamic_cache_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
@@ -337,9 +382,10 @@ def _agree(a: list[int], b: list[int], eos: frozenset) -> bool:
     return a[:k] == b[:k]
 
 
-def sweep(engine, tasks, peer, demo: dict, args, eos: frozenset, guard) -> dict:
+def sweep(engine, tasks, peer, lcpp, demo: dict, args, eos: frozenset, guard) -> dict:
     task, n = tasks[0], args.new_tokens
-    methods = [m for m in METHODS if peer is not None or not m.startswith("peft")]
+    methods = [m for m in METHODS if (peer is not None or not m.startswith("peft"))
+               and (lcpp is not None or not m.startswith("llamacpp"))]
     merge = MergeSwap(engine, task.lora_dir, args.device)
     bar = progress(len(args.lengths) * (len(methods) + len(demo)) * (args.runs + 1), "switch sweep")
     points = []
@@ -359,6 +405,9 @@ def sweep(engine, tasks, peer, demo: dict, args, eos: frozenset, guard) -> dict:
             peer_bytes = dynamic_cache_bytes(base_cache)
             fns["peft_alora"] = lambda: peer.run_alora(prompt, base_cache, n)
             fns["peft_lora"] = lambda: peer.generate(peer.lora, prompt, n)
+        if lcpp is not None:
+            lcpp.prime(hist)
+            fns["llamacpp_alora"] = lambda: lcpp.call(prompt, n)
         for name in demo:
             fns[f"demo:{name}"] = lambda name=name: timed_invoke(conv, f"demo:{name}", n, args.device)
         raw = {m: [] for m in fns}
@@ -368,10 +417,14 @@ def sweep(engine, tasks, peer, demo: dict, args, eos: frozenset, guard) -> dict:
                 if run == 0:
                     _, toks = fns[m]()
                 else:
+                    # the idle llama.cpp worker counts as another process while the others run
+                    guard.pids = (lcpp.pid,) if m.startswith("llamacpp") else ()
                     (sample, toks), cpu = guard.run(fns[m])
                     raw[m].append({**sample, **cpu})
                 outputs[m] = toks
                 bar.update()
+        if lcpp is not None:  # untimed: does PEFT's activation point (the invocation's first token) agree better?
+            outputs["llamacpp_alora_peft_rule"] = lcpp.call(prompt, n, activation="peft")[1]
         point = {"L": L, "invocation_tokens": len(task.inv_ids), "cache_bytes": conv.cache_bytes(),
                  "peer_cache_bytes": peer_bytes, "methods": {}}
         for m, samples in raw.items():
@@ -387,14 +440,22 @@ def sweep(engine, tasks, peer, demo: dict, args, eos: frozenset, guard) -> dict:
                     "merge_swap/alora": _ratio(get("merge_swap"), get("alora_invoke")),
                     "peer/ours alora": _ratio(get("peft_alora"), get("alora_invoke")),
                     "peer/ours lora": _ratio(get("peft_lora"), get("lora_invoke")),
-                    "alora/base_floor": _ratio(get("alora_invoke"), get("base_floor"))}
+                    "alora/base_floor": _ratio(get("alora_invoke"), get("base_floor")),
+                    **({"llamacpp/ours alora": _ratio(get("llamacpp_alora"), get("alora_invoke"))}
+                       if "llamacpp_alora" in med else {})}
 
         point["ratios"] = {"ttft": ratios("median_ttft_s"), "total": ratios("median_total_s")}
         point["outputs_agree"] = {"alora_invoke==peft_alora": _agree(outputs["alora_invoke"], outputs["peft_alora"], eos)
                                   if "peft_alora" in outputs else None,
                                   "lora_invoke==peft_lora": _agree(outputs["lora_invoke"], outputs["peft_lora"], eos)
                                   if "peft_lora" in outputs else None,
-                                  "merge_swap==lora_invoke": _agree(outputs["merge_swap"], outputs["lora_invoke"], eos)}
+                                  "merge_swap==lora_invoke": _agree(outputs["merge_swap"], outputs["lora_invoke"], eos),
+                                  "alora_invoke==llamacpp_alora": _agree(outputs["alora_invoke"],
+                                                                         outputs["llamacpp_alora"], eos)
+                                  if "llamacpp_alora" in outputs else None,
+                                  "alora_invoke==llamacpp_alora_peft_rule": _agree(
+                                      outputs["alora_invoke"], outputs["llamacpp_alora_peft_rule"], eos)
+                                  if "llamacpp_alora_peft_rule" in outputs else None}
         points.append(point)
         del conv, floor
     bar.close()
@@ -471,7 +532,8 @@ def memory(sweep_result: dict, k_max: int) -> dict:
 # ---- report -----------------------------------------------------------------------------------------------
 
 LABELS = {"alora_invoke": "ours aLoRA invoke", "lora_invoke": "ours LoRA (recompute)", "merge_swap": "ours merge+swap",
-          "peft_alora": "HF+PEFT aLoRA (cache)", "peft_lora": "HF+PEFT LoRA", "base_floor": "ours base floor"}
+          "peft_alora": "HF+PEFT aLoRA (cache)", "peft_lora": "HF+PEFT LoRA", "base_floor": "ours base floor",
+          "llamacpp_alora": "llama.cpp F32 aLoRA (cache)"}
 
 
 def report(result: dict, paths: dict[str, Path]) -> None:
@@ -594,6 +656,7 @@ def main() -> None:
             except (ValueError, OSError) as e:
                 print(f"skipping demo adapter {name}: {e}", file=sys.stderr)
         peer = None if args.skip_peer else Peer(engine.model_path, tasks[0], args.device, engine.dtype)
+        lcpp = LlamaCpp.start(args, tasks[0], Path(tmp), max(args.lengths) + margin + 16)
         guard = guard_from_args(args)
         t_start = now()
         result = {
@@ -610,9 +673,20 @@ def main() -> None:
                        "demo_adapters": demo,
                        "timing": "ttft_s: call start to first sampled token; total_s: call start to last token "
                                  "(ours: rollback included; merge_swap: merge included, unmerge excluded; "
-                                 "peft_alora: the DynamicCache deepcopy excluded, reported as copy_s)"},
+                                 "peft_alora: the DynamicCache deepcopy excluded, reported as copy_s; "
+                                 "llamacpp_alora: inside the worker process, its cache truncation included)"},
+            "llamacpp": {"built": True, "context": lcpp.info,
+                         "activation": "llama-server's rule: the adapter from the token before the last occurrence "
+                                       "of the invocation tokens (PEFT: from the invocation's first token); the "
+                                       "cached history is reused up to that token"}
+            if lcpp else {"built": False, "note": "left out (--skip-llamacpp)" if args.skip_llamacpp
+                          else llamacpp.NOT_BUILT},
         }
-        result["sweep"] = sweep(engine, tasks, peer, demo, args, eos, guard)
+        try:
+            result["sweep"] = sweep(engine, tasks, peer, lcpp, demo, args, eos, guard)
+        finally:
+            if lcpp is not None:
+                lcpp.close()
         del peer
         result["scaling"] = scaling(engine, tasks, args, guard)
         result["chat"] = chat(engine, tasks, args)
