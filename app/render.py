@@ -96,9 +96,11 @@ def reply_prefix(engine: alora.Engine, adapter: str | None) -> str:
 
 def mode_text(adapter: str | None, kind: str | None, action: str, stats: alora.CallStats | None,
               keep: bool = False) -> str:
-    """One sentence on how the call used the cache."""
+    """One sentence on how the call used the cache (on a first reply, nothing was cached to reuse)."""
+    cold = stats is not None and stats.reused_tokens == 0
     if adapter is None:
-        return "Base model: the cached history was reused."
+        return ("Base model: nothing was cached yet, so the whole prompt was computed." if cold
+                else "Base model: the cached history was reused.")
     if kind == "lora":
         n = stats.recomputed_tokens if stats else 0
         return (f"LoRA <b>{escape(adapter)}</b>: the whole history was recomputed under its weights "
@@ -106,7 +108,8 @@ def mode_text(adapter: str | None, kind: str | None, action: str, stats: alora.C
     where = "after your message" if action == "send" else "on the conversation"
     tail = " Its output was kept in the chat." if action == "invoke" and keep else (
         " The chat history is unchanged." if action == "invoke" else "")
-    return f"aLoRA <b>{escape(adapter)}</b> invoked {where}: the cached base history was reused.{tail}"
+    reuse = "nothing was cached yet, so the history was computed" if cold else "the cached base history was reused"
+    return f"aLoRA <b>{escape(adapter)}</b> invoked {where}: {reuse}.{tail}"
 
 
 def _cell(field: str, stats: alora.CallStats | None) -> str:

@@ -53,7 +53,8 @@ class ChatUI:
             with gr.Row(equal_height=False):
                 with gr.Column(scale=3):
                     c.chatbot = gr.Chatbot(label="Chat", elem_id="chat", height=460, feedback_options=None,
-                                           buttons=["copy", "copy_all"])
+                                           buttons=["copy", "copy_all"],
+                                           group_consecutive_messages=False)  # a kept intrinsic: its own bubble
                     with gr.Row():
                         c.msg = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
                                            elem_id="msg", scale=6, autofocus=True)

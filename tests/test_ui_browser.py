@@ -155,6 +155,15 @@ def test_chat_switch_adapters_and_load_in_browser(server, browser, template_open
     assert "recomputed under its weights" in page.locator("#stats").inner_text()
     assert bot_texts(page)[-1].startswith("[judge_lora · LoRA]")
 
+    # 4b. an intrinsic kept in the chat: a message of its own, not a part of the previous reply's bubble
+    page.check("#keep input")
+    run_and_wait(page, lambda: page.get_by_role("button", name="judge · aLoRA", exact=True).click())
+    page.uncheck("#keep input")
+    assert len(bot_texts(page)) == 4 and bot_texts(page)[-1].startswith("[judge · aLoRA]"), bot_texts(page)
+    per_row = page.evaluate("""() => [...document.querySelectorAll('#chat .message-row')]
+        .map(row => row.querySelectorAll('[data-testid="bot"]').length).filter(n => n > 0)""")
+    assert per_row == [1, 1, 1, 1], per_row
+
     # 5. loading adapters: a path outside the allowed directories, then an invalid folder inside them
     page.get_by_text("Load an adapter", exact=True).click()
     status = page.locator("#load-status")
@@ -164,7 +173,7 @@ def test_chat_switch_adapters_and_load_in_browser(server, browser, template_open
         page.wait_for_function("(m) => document.querySelector('#load-status').innerText.includes(m)", arg=message)
         assert status.locator('[data-ok="0"]').count() == 1
     page.screenshot(path=str(ARTIFACTS / "ui-load-error.png"), full_page=True, animations="disabled")
-    assert len(bot_texts(page)) == 3  # nothing crashed: the chat is intact
+    assert len(bot_texts(page)) == 4  # nothing crashed: the chat is intact
 
     # 6. another browser session has its own conversation on the same engine
     other = open_page(browser, server.url)

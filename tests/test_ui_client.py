@@ -384,3 +384,15 @@ def test_an_io_yaml_intrinsic_shows_its_result_as_likelihood_bars(server, adapte
     assert 'data-result="1"' in side and 'class="likelihood" data-field="correct_likelihood"' in side, side
     value = float(re.search(r'data-value="([0-9.]+)"', side).group(1))
     assert 0.0 <= value <= 1.0
+
+
+def test_the_stats_line_says_reused_only_when_something_was():
+    """A first reply (nothing cached) is not described as reusing the cached history; a later one is."""
+    from alora_app import render
+
+    first, later = alora.CallStats(prefill_tokens=40), alora.CallStats(prefill_tokens=9, reused_tokens=40)
+    assert "nothing was cached yet" in render.mode_text(None, None, "send", first)
+    assert "reused" not in render.mode_text(None, None, "send", first)
+    assert "cached history was reused" in render.mode_text(None, None, "send", later)
+    assert "nothing was cached yet" in render.mode_text("judge", "alora", "invoke", first)
+    assert "cached base history was reused" in render.mode_text("judge", "alora", "invoke", later)
