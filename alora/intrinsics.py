@@ -52,11 +52,18 @@ class Intrinsic:
     @classmethod
     def from_folder(cls, folder: Path, name: str | None = None) -> "Intrinsic":
         """Read ``folder/io.yaml``; ``name`` overrides its ``model`` field."""
-        import yaml
-
         path = Path(folder) / IO_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no io.yaml: an intrinsic folder holds the adapter and its io.yaml")
+        return cls.from_file(path, name)
+
+    @classmethod
+    def from_file(cls, path: str | Path, name: str | None = None) -> "Intrinsic":
+        """Read and check an io.yaml at ``path`` (its folder is the intrinsic's); ``name`` overrides ``model``."""
+        import yaml
+
+        path = Path(path)
+        folder = path.parent
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as e:

@@ -1,17 +1,31 @@
 """Train an aLoRA (or a standard LoRA) with transformers + PEFT on a JSONL of chat examples.
 
-Each line: ``{"messages": [{"role": ..., "content": ...}, ...], "invocation": "<|im_start|>title\\n",
-"target": "..."}``. The tokens are exactly what the engine sees on ``conv.invoke(name)``:
+Two row forms, one per file:
 
-    chat_template(messages) + invocation_ids + target_ids + [eos]      (loss on target_ids + eos only)
+- invocation form: ``{"messages": [{"role": ..., "content": ...}, ...], "invocation": "<|im_start|>title\\n",
+  "target": "..."}``. The tokens are exactly what the engine sees on ``conv.invoke(name)``::
 
-An aLoRA gets ``LoraConfig(alora_invocation_tokens=invocation_ids)``: PEFT adapts tokens from the
-invocation on, so the history keeps base weights and its KV cache is reused. With ``lora=True`` the same
-prompt trains a standard LoRA (every token adapted); the invocation is written to ``alora_runtime.json``
+      chat_template(messages) + invocation_ids + target_ids + [eos]          (loss on target_ids + eos only)
+
+- instruction form (IBM's intrinsics, called with an ``io.yaml``): ``{"messages": [...], "instruction":
+  "<answerability> Can ...", "invocation": "<|im_start|>user\\n<answerability>", "target": "\\"answerable\\""}``.
+  The instruction is appended as a user message, as granite-common's ``IntrinsicsRewriter`` and
+  ``conv.run_intrinsic`` do::
+
+      chat_template(messages + [user: instruction], add_generation_prompt=True) + target_ids + [eos]
+
+  The invocation's token ids must occur in that prompt, at or after the start of the instruction's turn (its
+  rendered start, e.g. ``<|im_start|>user\\n<tag>``); a LoRA twin needs no invocation. ``io_yaml`` copies the
+  intrinsic's definition into the adapter folder.
+
+An aLoRA gets ``LoraConfig(alora_invocation_tokens=invocation_ids)``: PEFT adapts tokens from the invocation on,
+so the history keeps base weights and its KV cache is reused. With ``lora=True`` the same prompt trains a
+standard LoRA (every token adapted); in the invocation form the invocation is written to ``alora_runtime.json``
 so the engine appends it on ``invoke``. The output folder (adapter_config.json + adapter_model.safetensors)
 loads in PEFT, vLLM and ``Engine.load_adapter``.
 
     alora train data.jsonl out/ --val heldout.jsonl --epochs 3 --rank 8 --lr 1e-3
+    alora train answerability_train.jsonl out/answerability --io-yaml answerability_io.yaml
 """
 
 from __future__ import annotations
@@ -20,12 +34,14 @@ import argparse
 import json
 import math
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from alora.errors import AloraError
+from alora.intrinsics import IO_FILE, Intrinsic, IntrinsicError
 
 ROLES = ("system", "user", "assistant")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -39,9 +55,12 @@ class DataError(AloraError, ValueError):
 
 @dataclass(frozen=True)
 class Example:
+    """One training row: the chat, the adapter's invocation (None: a LoRA twin in the instruction form), the
+    target, and in the instruction form the instruction appended as the last user message."""
     messages: list[dict]
-    invocation: str
+    invocation: str | None
     target: str
+    instruction: str | None = None
 
 
 @dataclass
@@ -84,24 +103,64 @@ def read_jsonl(path: str | Path) -> list[Example]:
                 if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
                     raise DataError(f"{where}: messages[{i}] must be {{'role': one of {', '.join(ROLES)}, "
                                     f"'content': str}}, got {m!r:.80}")
-            for key in ("invocation", "target"):
+            instruction = row.get("instruction")
+            if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
+                raise DataError(f"{where}: 'instruction' must be a non-empty string when present")
+            keys = ("target",) if instruction is not None and row.get("invocation") is None else ("invocation",
+                                                                                                "target")
+            for key in keys:
                 if not isinstance(row.get(key), str) or not row[key].strip():
                     raise DataError(f"{where}: {key!r} must be a non-empty string")
             out.append(Example([{"role": m["role"], "content": m["content"]} for m in messages],
-                               row["invocation"], row["target"]))
+                               row.get("invocation"), row["target"], instruction))
     if not out:
         raise DataError(f"{path}: no examples")
     return out
 
 
+def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def prompt_ids(tokenizer, ex: Example) -> list[int]:
+    """The prompt the target follows: the history and the invocation, or (instruction form) the chat with the
+    instruction as the last user message, rendered with the generation prompt."""
+    if ex.instruction is not None:
+        return _chat_ids(tokenizer, ex.messages + [{"role": "user", "content": ex.instruction}], True)
+    return _chat_ids(tokenizer, ex.messages) + tokenizer(ex.invocation, add_special_tokens=False)["input_ids"]
+
+
 def encode(tokenizer, ex: Example) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one example; labels are -100 outside target + eos."""
-    hist = tokenizer.apply_chat_template(ex.messages, tokenize=True)
-    hist = list(hist["input_ids"] if hasattr(hist, "keys") else hist)
-    inv = tokenizer(ex.invocation, add_special_tokens=False)["input_ids"]
+    prompt = prompt_ids(tokenizer, ex)
     tgt = tokenizer(ex.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    prompt = hist + inv
     return prompt + tgt, [-100] * len(prompt) + tgt
+
+
+def check_activation(tokenizer, ex: Example, prompt: list[int], inv_ids: list[int], where: str) -> None:
+    """Raise ``DataError`` unless the invocation's ids occur in ``prompt``, in the instruction form at or after
+    the start of the instruction's turn (the history would otherwise be adapted and its cache not reused)."""
+    from alora.adapters import last_occurrence
+
+    at = last_occurrence(prompt, inv_ids)
+    if at is None:
+        raise DataError(f"{where}: invocation tokens {inv_ids} ({ex.invocation!r}) do not occur in the "
+                        f"tokenized prompt")
+    if ex.instruction is not None and at < len(_chat_ids(tokenizer, ex.messages)):
+        raise DataError(f"{where}: the invocation {ex.invocation!r} last occurs before the instruction's turn")
+
+
+def write_io_yaml(src: str | Path, out_dir: Path, name: str) -> Path:
+    """Copy ``src`` to ``out_dir/io.yaml`` with its ``model`` (the name clients call the intrinsic by) set to
+    ``name``; the rest of the file is kept as written."""
+    text = Path(src).read_text(encoding="utf-8")
+    text, n = re.subn(r"^model:.*$", lambda _: f"model: {name}", text, count=1, flags=re.M)
+    if n != 1:
+        raise DataError(f"{src}: no top-level 'model:' line to name the intrinsic")
+    out = out_dir / IO_FILE
+    out.write_text(text, encoding="utf-8")
+    return out
 
 
 def _batches(items: list, size: int, rng: random.Random | None):
@@ -134,19 +193,27 @@ def train(data: str | Path | Sequence[Example], output_dir: str | Path, *, model
           target_modules: Sequence[str] = DEFAULT_TARGETS, top_layers: int | None = None, epochs: int = 3,
           max_steps: int | None = None,
           lr: float = 1e-3, batch_size: int = 8, warmup: float = 0.1, max_length: int = 512, seed: int = 0,
-          save_dtype: str = "float32", threads: int | None = None, progress: bool = True) -> TrainResult:
+          save_dtype: str = "float32", threads: int | None = None, io_yaml: str | Path | None = None,
+          name: str | None = None, val_each_epoch: bool = True, progress: bool = True) -> TrainResult:
     """Train an aLoRA (``lora=False``) or a LoRA on ``data`` and save a PEFT folder to ``output_dir``.
 
     ``model``: an HF folder (default: the embedded SmolLM2-135M-Instruct). ``val``: a held-out file or
     examples; without it ``val_fraction`` of ``data`` is split off (0 = no validation). ``top_layers``: adapt only
     the last N decoder layers (backward stops there: faster on CPU, smaller file). All examples must
-    share one invocation string. Returns the metrics (also written to ``output_dir/alora_train.json``).
+    share one invocation string and one row form. ``io_yaml``: an intrinsic's definition to validate and copy to
+    ``output_dir/io.yaml``, its ``model`` set to ``name`` (default: the output folder's name); a placeholder-free
+    instruction in it must equal the rows'. ``val_each_epoch=False`` validates after the last epoch only.
+    An aLoRA trains one row at a time: the history before the invocation runs in base weights without
+    gradients and only the adapted tokens are backpropagated (2-3x faster than PEFT's full forward, same loss).
+    Returns the metrics (also written to
+    ``output_dir/alora_train.json``).
     """
     import torch
     from peft import LoraConfig, get_peft_model
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from alora.adapters import last_occurrence
     from alora.default_model import default_model_dir
 
     if threads:
@@ -165,29 +232,46 @@ def train(data: str | Path | Sequence[Example], output_dir: str | Path, *, model
         raise DataError("no training examples")
     invocations = {e.invocation for e in examples + val_examples}
     if len(invocations) != 1:
-        raise DataError(f"all examples must share one invocation, found {sorted(invocations)}")
+        raise DataError(f"all examples must share one invocation, found {sorted(invocations, key=str)}")
     invocation = invocations.pop()
+    forms = {e.instruction is not None for e in examples + val_examples}
+    if len(forms) != 1:
+        raise DataError("all examples must share one form: every row has an 'instruction' or none does")
+    instruction_form = forms.pop()
+    if invocation is None and not lora:
+        raise DataError("an aLoRA needs an 'invocation' in every row (the rendered start of the instruction's "
+                        "turn, e.g. '<|im_start|>user\\n<answerability>')")
+    if io_yaml is not None:
+        try:
+            template = Intrinsic.from_file(io_yaml).instruction
+        except IntrinsicError as e:
+            raise DataError(str(e)) from None
+        if isinstance(template, str) and "{" not in template and instruction_form:
+            stray = next((e for e in examples + val_examples if e.instruction != template), None)
+            if stray is not None:
+                raise DataError(f"{io_yaml}: its instruction {template!r} differs from a row's "
+                                f"{stray.instruction!r}")
 
     model_dir = Path(model) if model is not None else default_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"{model_dir}: the tokenizer has no eos token")
-    inv_ids = tokenizer(invocation, add_special_tokens=False)["input_ids"]
-    if not inv_ids:
+    inv_ids = tokenizer(invocation, add_special_tokens=False)["input_ids"] if invocation is not None else []
+    if invocation is not None and not inv_ids:
         raise DataError(f"invocation {invocation!r} tokenizes to nothing")
-    encoded = [encode(tokenizer, e) for e in examples]
+    encoded_all = [encode(tokenizer, e) for e in examples]
     val_encoded = [encode(tokenizer, e) for e in val_examples]
-    too_long = sum(len(x) > max_length for x, _ in encoded)
-    encoded = [xy for xy in encoded if len(xy[0]) <= max_length]
+    too_long = sum(len(x) > max_length for x, _ in encoded_all)
+    encoded = [xy for xy in encoded_all if len(xy[0]) <= max_length]
     if too_long:
         print(f"skipped {too_long} training examples longer than max_length={max_length}")
     if not encoded:
         raise DataError(f"every training example is longer than max_length={max_length}")
     if not lora:
-        for x, _ in encoded[:1]:
-            from alora.adapters import last_occurrence
-            if last_occurrence(x, inv_ids) is None:
-                raise DataError(f"invocation tokens {inv_ids} do not survive tokenization in context")
+        for split, exs, enc in (("training", examples, encoded_all), ("validation", val_examples, val_encoded)):
+            for i, (ex, (x, y)) in enumerate(zip(exs, enc)):
+                n_prompt = len(y) - sum(t != -100 for t in y)
+                check_activation(tokenizer, ex, x[:n_prompt], inv_ids, f"{split} example {i + 1}")
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -218,9 +302,20 @@ def train(data: str | Path | Sequence[Example], output_dir: str | Path, *, model
         for batch in _batches(encoded, batch_size, rng):
             if step >= total:
                 break
-            ids, labels, mask = _collate(batch, pad)
-            loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
+            n_target = sum(sum(t != -100 for t in y[1:]) for _, y in batch)
+            if lora:
+                ids, labels, mask = _collate(batch, pad)
+                logits, y = _target_logits(peft_model, ids, mask, labels)
+                loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, ignore_index=-100,
+                                                         reduction="sum") / n_target
+                loss.backward()
+            else:  # one row at a time: its history in base weights without gradients, then the adapted rest
+                total_nll = 0.0
+                for x, y in batch:
+                    row_nll = alora_row_nll(peft_model, x, y, last_occurrence(x, inv_ids))
+                    (row_nll / n_target).backward()
+                    total_nll += row_nll.item()
+                loss = torch.tensor(total_nll / n_target)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
@@ -230,7 +325,7 @@ def train(data: str | Path | Sequence[Example], output_dir: str | Path, *, model
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch + 1)
         entry = {"epoch": epoch + 1, "step": step, "train_loss": sum(epoch_losses) / len(epoch_losses)}
-        if val_encoded:
+        if val_encoded and (val_each_epoch or epoch == epochs - 1 or step >= total):
             entry.update(evaluate(peft_model, val_encoded, pad, batch_size))
             bar.write(f"epoch {epoch + 1}: train loss {entry['train_loss']:.3f}, val loss {entry['val_loss']:.3f}, "
                       f"val token acc {entry['val_token_accuracy']:.3f}, val exact match "
@@ -239,7 +334,12 @@ def train(data: str | Path | Sequence[Example], output_dir: str | Path, *, model
     bar.close()
 
     out = Path(output_dir)
-    save_adapter(peft_model, out, save_dtype, model_dir, invocation if lora else None)
+    save_adapter(peft_model, out, save_dtype, model_dir, invocation if lora and not instruction_form else None)
+    stale = out / IO_FILE
+    if io_yaml is not None:
+        write_io_yaml(io_yaml, out, name or out.resolve().name)
+    elif stale.exists():
+        stale.unlink()
     last = history[-1] if history else {}
     result = TrainResult(out, "lora" if lora else "alora", list(inv_ids), len(encoded), len(val_encoded), step,
                          time.time() - t0, last.get("train_loss", float("nan")), last.get("val_loss"),
@@ -247,10 +347,41 @@ def train(data: str | Path | Sequence[Example], output_dir: str | Path, *, model
     args = dict(model=str(model) if model else None, lora=lora, rank=rank, alpha=cfg["lora_alpha"],
                 dropout=dropout, target_modules=list(target_modules), top_layers=top_layers, epochs=epochs,
                 max_steps=max_steps, lr=lr,
-                batch_size=batch_size, warmup=warmup, seed=seed, invocation=invocation)
+                batch_size=batch_size, warmup=warmup, seed=seed, invocation=invocation,
+                instruction_form=instruction_form, io_yaml=str(io_yaml) if io_yaml is not None else None)
     (out / TRAIN_LOG).write_text(json.dumps({"args": args, **{k: v for k, v in asdict(result).items()
                                                               if k != "output_dir"}}, indent=1) + "\n")
     return result
+
+
+def _target_logits(peft_model, ids, mask, labels):
+    """(logits, labels) at the positions that predict a target token in some row: the LM head runs only there
+    (its 49k-wide output over every position would cost a fifth of the step)."""
+    y = labels[:, 1:]
+    keep = (y != -100).any(0).nonzero().flatten()
+    logits = peft_model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits.float()
+    return logits, y[:, keep]
+
+
+def alora_row_nll(peft_model, ids: list[int], labels: list[int], start: int | None):
+    """Summed target NLL of one aLoRA example, computed as the engine runs it: the tokens before the
+    invocation (``start``) in base weights with no gradient, as a KV cache; the invocation and the rest adapted
+    on top of it. Equal to PEFT's full forward (its aLoRA keeps those tokens base too), at a fraction of the
+    backward's cost."""
+    import torch
+
+    x = torch.tensor([ids])
+    past = None
+    if start:
+        with torch.no_grad(), peft_model.disable_adapter():
+            past = peft_model(input_ids=x[:, :start], use_cache=True, logits_to_keep=1).cache
+    start = start or 0
+    suffix = x[:, start:]
+    y = torch.tensor([labels[start + 1:]])
+    keep = (y[0] != -100).nonzero().flatten()
+    logits = peft_model(input_ids=suffix, cache=past, use_cache=past is not None,
+                        alora_offsets=[suffix.shape[1]], logits_to_keep=keep).logits.float()
+    return torch.nn.functional.cross_entropy(logits[0], y[0, keep], reduction="sum")
 
 
 def evaluate(peft_model, encoded, pad_id: int, batch_size: int = 8) -> dict:
@@ -263,8 +394,7 @@ def evaluate(peft_model, encoded, pad_id: int, batch_size: int = 8) -> dict:
     with torch.no_grad():
         for batch in _batches(encoded, batch_size, None):
             ids, labels, mask = _collate(batch, pad_id)
-            logits = peft_model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            y = labels[:, 1:]
+            logits, y = _target_logits(peft_model, ids, mask, labels)
             valid = y != -100
             nll += torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, ignore_index=-100,
                                                      reduction="sum").item()
@@ -317,8 +447,12 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train an aLoRA (or --lora a LoRA) adapter with PEFT",
         description="Train an aLoRA (default) or a standard LoRA with transformers + PEFT on a JSONL of "
-                    "{\"messages\", \"invocation\", \"target\"} rows; loss on the target tokens only. Saves a "
-                    "PEFT folder that PEFT, vLLM and `alora chat --adapter` load.")
+                    "{\"messages\", \"invocation\", \"target\"} rows (the target follows the history and the "
+                    "invocation), or of {\"messages\", \"instruction\", \"invocation\", \"target\"} rows (an "
+                    "intrinsic: the instruction is the last user message, the target is the assistant's reply, "
+                    "the invocation must occur in the instruction's rendered turn); loss on the target tokens "
+                    "only. Saves a PEFT folder that PEFT, vLLM and `alora chat --adapter` load; with --io-yaml "
+                    "also the intrinsic's io.yaml.")
     p.add_argument("data", type=Path, help="training JSONL")
     p.add_argument("output", type=Path, help="adapter folder to write")
     p.add_argument("--model", help="HF model folder (default: the embedded SmolLM2-135M-Instruct)")
@@ -340,6 +474,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--save-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="dtype of the saved weights (float16 halves the file)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--io-yaml", type=Path,
+                   help="an intrinsic's io.yaml (IBM's layout): checked against the rows and copied into the "
+                        "adapter folder, so `run_intrinsic` and granite-common clients can call it")
+    p.add_argument("--val-final-only", action="store_true", help="validate after the last epoch only")
+    p.add_argument("--name", help="the name clients call the intrinsic by, written as io.yaml's model "
+                                  "(default: the output folder's name)")
     p.set_defaults(func=_main)
 
 
@@ -352,7 +492,8 @@ def _main(args: argparse.Namespace) -> int:
                   target_modules=[t for t in args.targets.split(",") if t], top_layers=args.top_layers,
                   epochs=args.epochs,
                   max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
-                  seed=args.seed, save_dtype=args.save_dtype, threads=args.threads)
+                  seed=args.seed, save_dtype=args.save_dtype, threads=args.threads, io_yaml=args.io_yaml,
+                  name=args.name, val_each_epoch=not args.val_final_only)
     except (DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
