@@ -7,13 +7,13 @@ from alora.engine import Call, CallStats, Engine, Event, SamplingParams, TokenLo
 from alora.errors import (AdapterInUseError, AloraError, ContextOverflowError, ConversationBusyError,
                           InvalidSchemaError, QueueFullError, UnknownAdapterError)
 from alora.intrinsics import Intrinsic, IntrinsicError
-from alora.models import UnsupportedModelError
+from alora.models import QuantizationError, UnsupportedModelError
 from alora.safetensors_io import CheckpointError
 
 __all__ = [
     "Engine", "Conversation", "Call", "CallStats", "Event", "TokenLogprob", "SamplingParams", "AdapterInfo",
     "demo_adapters", "load_demo_adapters", "AloraError", "UnknownAdapterError", "AdapterError", "AdapterInUseError",
     "CheckpointError", "ContextOverflowError", "ConversationBusyError", "QueueFullError", "UnsupportedModelError",
-    "InvalidSchemaError", "Intrinsic", "IntrinsicError",
+    "InvalidSchemaError", "Intrinsic", "IntrinsicError", "QuantizationError",
 ]
 __version__ = "0.1.0"

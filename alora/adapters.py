@@ -283,7 +283,7 @@ class AdapterRegistry:
                     A_all[s, r0:r0 + r] = A
                     B_all[s, offsets[part]:offsets[part] + module.parts[part], r0:r0 + r] = B
                     r0 += r
-            w = module.weight
+            w = self.model.embed_tokens.weight  # the model's dtype: a quantized projection holds int8
             stacks[mod_name] = LoraStack(A_all.to(w.device, w.dtype).contiguous(),
                                          B_all.to(w.device, w.dtype).contiguous())
         return stacks

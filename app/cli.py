@@ -1,6 +1,6 @@
 """The UI's command line, shared by ``python -m app`` (``make demo``) and ``alora ui``.
 
-    alora ui [--model PATH] [--adapters DIR ...] [--host 127.0.0.1] [--port 7860]
+    alora ui [--model PATH] [--dtype DTYPE] [--quantize int8] [--adapters DIR ...] [--host 127.0.0.1] [--port 7860]
 
 Each ``--adapters DIR`` is an adapter folder or a directory of adapter folders: all of them are loaded at
 start (a bad one is reported and skipped), and the UI may load more folders from under these directories
@@ -20,7 +20,10 @@ DESCRIPTION = "alora chat UI (Gradio): switch adapters mid-conversation; aLoRAs 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The UI's options, on ``p``: ``python -m app`` and ``alora ui`` share them."""
+    from alora.cli import add_precision_arguments
+
     p.add_argument("--model", help="Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
+    add_precision_arguments(p)
     p.add_argument("--adapters", nargs="+", action="extend", default=[], metavar="DIR",
                    help="adapter folders, or directories of them, to load at start; the UI may load other "
                         "folders from under these directories only")
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from .session import ENGINE_ERRORS, AdapterFolders
     from .ui import ChatUI, launch
 
-    engine = alora.Engine.from_pretrained(args.model)
+    engine = alora.Engine.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize)
     roots = list(args.adapters)
     wanted: list[tuple[str, Path]] = []
     if args.model is None and not args.no_demo:

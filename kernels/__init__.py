@@ -37,9 +37,9 @@ if __name__ == "kernels":
 import torch
 
 from alora_kernels import cpu_gemv
-from alora_kernels.torch_ref import mixed_lora_linear_torch, slot_runs
+from alora_kernels.torch_ref import add_lora_torch, mixed_lora_linear_torch, slot_runs
 
-__all__ = ["mixed_lora_linear", "slot_runs"]
+__all__ = ["add_lora", "mixed_lora_linear", "slot_runs"]
 
 
 def mixed_lora_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor | None,
@@ -76,11 +76,7 @@ def mixed_lora_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | Non
     if A is None or slot is None:
         return cpu_gemv.linear(x, W, bias)
     _check(x, W, bias, A, B, scale, slot)
-    # both backends refuse a slot with no stacked adapter (a base row would be silently wrong)
-    if runs is None:
-        runs = slot_runs(slot, A.shape[0])  # reads the slots once: a device sync off CPU
-    elif runs and max(runs) >= A.shape[0]:
-        raise ValueError(f"slot {max(runs)} out of range: only {A.shape[0]} adapter slots are stacked")
+    runs = _checked_runs(slot, A.shape[0], runs)
     if backend is None:
         backend = "triton" if x.is_cuda and _triton_installed() else "torch"
     if backend == "torch":
@@ -94,6 +90,32 @@ def mixed_lora_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | Non
     raise ValueError(f"backend must be None, 'torch' or 'triton', not {backend!r}")
 
 
+def add_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor | None,
+             slot: torch.Tensor, runs: dict[int, list[tuple[int, int]]] | None = None) -> torch.Tensor:
+    """Add each row's adapter update to ``y``, a base projection of ``x`` computed elsewhere (e.g. from int8
+    weights): ``y[t] += scale[s]·(x[t]·A[s]ᵀ)·B[s]ᵀ`` where ``s = slot[t]``, in place; returns ``y``.
+
+    ``y`` [T, N] of x's dtype; the other arguments as in ``mixed_lora_linear``, whose torch backend adds its
+    updates with this same code, in x's dtype. Runs the torch path on every device.
+    """
+    if x.dim() != 2 or y.dim() != 2 or y.shape[0] != x.shape[0] or y.dtype != x.dtype:
+        raise ValueError(f"expected x [T, K] and y [T, N] of x's dtype, got x {tuple(x.shape)} {x.dtype} and "
+                         f"y {tuple(y.shape)} {y.dtype}")
+    _check_adapters(x, y.shape[1], A, B, scale, slot)
+    return add_lora_torch(y, x, A, B, scale, _checked_runs(slot, A.shape[0], runs))
+
+
+def _checked_runs(slot: torch.Tensor, num_slots: int,
+                  runs: dict[int, list[tuple[int, int]]] | None) -> dict[int, list[tuple[int, int]]]:
+    """``runs``, or ``slot_runs(slot, num_slots)`` when None; a slot with no stacked adapter is refused (a base
+    row would be silently wrong)."""
+    if runs is None:
+        return slot_runs(slot, num_slots)  # reads the slots once: a device sync off CPU
+    if runs and max(runs) >= num_slots:
+        raise ValueError(f"slot {max(runs)} out of range: only {num_slots} adapter slots are stacked")
+    return runs
+
+
 @cache
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
@@ -104,9 +126,19 @@ def _check(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, A: torch
     """Shape and dtype checks: metadata only, no device reads (this runs on every projection call)."""
     if x.dim() != 2 or W.dim() != 2 or x.shape[1] != W.shape[1]:
         raise ValueError(f"expected x [T, K] and W [N, K], got x {tuple(x.shape)} and W {tuple(W.shape)}")
-    (T, K), N = x.shape, W.shape[0]
+    N = W.shape[0]
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"bias must be [N={N}], got {tuple(bias.shape)}")
+    _check_adapters(x, N, A, B, scale, slot)
+    if W.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"x, W, bias, A and B must share one dtype, got x {x.dtype}, W {W.dtype}, "
+                         f"A {A.dtype}, B {B.dtype}" + (f", bias {bias.dtype}" if bias is not None else ""))
+
+
+def _check_adapters(x: torch.Tensor, N: int, A: torch.Tensor, B: torch.Tensor | None, scale: torch.Tensor | None,
+                    slot: torch.Tensor) -> None:
+    """The adapter half of ``_check``, for an output of N columns."""
+    T, K = x.shape
     if B is None:
         raise ValueError("A and B must be given together")
     if A.dim() != 3 or A.shape[2] != K:
@@ -120,6 +152,5 @@ def _check(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, A: torch
         raise ValueError(f"slot must be [T={T}], got {tuple(slot.shape)}")
     if slot.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slot must be int32 or int64, got {slot.dtype}")
-    if not (W.dtype == A.dtype == B.dtype == x.dtype) or (bias is not None and bias.dtype != x.dtype):
-        raise ValueError(f"x, W, bias, A and B must share one dtype, got x {x.dtype}, W {W.dtype}, "
-                         f"A {A.dtype}, B {B.dtype}" + (f", bias {bias.dtype}" if bias is not None else ""))
+    if not (A.dtype == B.dtype == x.dtype):
+        raise ValueError(f"x, A and B must share one dtype, got x {x.dtype}, A {A.dtype}, B {B.dtype}")

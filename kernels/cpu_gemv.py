@@ -5,10 +5,13 @@ streams float32 weights at about half the bandwidth this machine kind has, and i
 slower still than for one; ``cpu_gemv.cpp`` reads each weight byte once for all rows (float32 with FMA,
 bfloat16 with AVX512_BF16 dot products and float32 accumulation), on torch's intra-op threads.
 
+Weight-only int8 (``quantize_int8``, ``linear_int8``) reads a quarter of float32's bytes: int8 weights with one
+float32 scale per output row, widened to float32 in registers and multiplied with float32 activations.
+
 The extension is compiled on first use with ``torch.utils.cpp_extension`` into ``$ALORA_CACHE/ext``
 (default ``~/.cache/alora/ext``; once, about 20 s, reused afterwards while the source is unchanged). Where it
 cannot run (no AVX-512, no bfloat16 dot products for bf16, no compiler, a build error) ``linear`` is
-``F.linear``, after a one-line warning.
+``F.linear``, after a one-line warning, and ``linear_int8`` dequantizes the weight on every call.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MAX_ROWS", "available", "linear", "needs_row_major"]
+__all__ = ["MAX_ROWS", "available", "dequantize_int8", "linear", "linear_int8", "needs_row_major",
+           "quantize_int8"]
 
 MAX_ROWS = 16
 """Most rows of x the kernel takes; more rows (prefill) go to torch's GEMM, which is compute-bound there."""
@@ -64,11 +68,12 @@ def _dtypes() -> frozenset[torch.dtype]:
         warnings.warn(f"alora: could not build the CPU GEMV kernel ({first}); decode projections use torch's "
                       f"F.linear", stacklevel=3)
         return frozenset()
-    return frozenset({torch.float32, torch.bfloat16} if "avx512_bf16" in flags else {torch.float32})
+    return frozenset({torch.float32, torch.int8} | ({torch.bfloat16} if "avx512_bf16" in flags else set()))
 
 
 def available(dtype: torch.dtype = torch.float32) -> bool:
-    """Whether ``linear`` runs the kernel for ``dtype`` on this machine (builds the extension on first call)."""
+    """Whether ``linear`` runs the kernel for ``dtype`` on this machine (``torch.int8``: whether ``linear_int8``
+    does); builds the extension on first call."""
     return dtype in _dtypes()
 
 
@@ -93,10 +98,55 @@ def linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None = None) -
     return _impl(x, W, bias)
 
 
+def quantize_int8(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-row int8 weights for ``linear_int8``: ``scale[n] = max|W[n, :]| / 127`` and
+    ``q = round(W / scale)``, so ``|W - q·scale| <= scale / 2`` elementwise.
+
+    Returns ``(q, scales)``: q int8 [N, K] contiguous, scales float32 [N], on W's device (a row of zeros gets
+    scale 0 and q 0).
+    """
+    w = W.detach().float()
+    scales = w.abs().amax(dim=1) / 127
+    q = torch.round(w / torch.where(scales > 0, scales, 1.0).unsqueeze(1)).clamp_(-127, 127)
+    return q.to(torch.int8).contiguous(), scales.contiguous()
+
+
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight ``q·scale`` [N, K] that ``linear_int8`` multiplies by, in ``dtype``."""
+    return (qweight.float() * scales.unsqueeze(1)).to(dtype)
+
+
+def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, dequantize_int8(qweight, scales), bias)`` for int8 weights from ``quantize_int8``.
+
+    x [M, K] on CPU (float32; bfloat16 or float16 are widened), bias None or [N] of x's dtype; y [M, N] in x's
+    dtype. The kernel computes in float32 (one rounding to x's dtype at the end) and reads
+    each weight byte once for up to ``MAX_ROWS`` rows; more rows dequantize W tile by tile for a float32 GEMM.
+    Results match the dequantized ``F.linear`` to float32 rounding. Inference only: no gradients. Without the
+    extension: the dequantized ``F.linear`` itself (a float copy of W per call).
+    """
+    return _impl_int8(x, qweight, scales, bias)
+
+
+def _dequantized_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    y = F.linear(x.float(), dequantize_int8(qweight, scales), None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
 def _first_call(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     global _impl
     _impl = torch.ops.alora_gemv.linear.default if _dtypes() else F.linear
     return _impl(x, W, bias)
 
 
+def _first_call_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    global _impl_int8
+    _impl_int8 = torch.ops.alora_gemv.linear_int8.default if torch.int8 in _dtypes() else _dequantized_linear
+    return _impl_int8(x, qweight, scales, bias)
+
+
 _impl = _first_call
+_impl_int8 = _first_call_int8

@@ -1,6 +1,7 @@
 """The torch path of ``mixed_lora_linear``: the CPU production path and the reference for the Triton kernel.
 
-One base GEMM for all rows, then, per adapter slot present, two small GEMMs on that slot's rows:
+One base GEMM for all rows, then, per adapter slot present, two small GEMMs on that slot's rows (``add_lora_torch``,
+which also adds the adapters to a base computed elsewhere, e.g. from int8 weights):
 
 - rows of a slot that form one contiguous run (decode of one sequence, an aLoRA's tail after its invocation,
   a batch where every row shares one adapter) are updated in place through row slices: no gather, no scatter;
@@ -48,6 +49,16 @@ def mixed_lora_linear_torch(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor
     checks them.
     """
     y = cpu_gemv.linear(x, W, bias)  # F.linear, or our GEMV kernel for a few rows on CPU
+    return add_lora_torch(y, x, A, B, scale, runs)
+
+
+def add_lora_torch(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor | None,
+                   runs: dict[int, list[tuple[int, int]]]) -> torch.Tensor:
+    """``y[t] += scale[s]·(x[t]·A[s]ᵀ)·B[s]ᵀ`` for the rows of every slot in ``runs``, in place; returns ``y``.
+
+    ``y`` [T, N] is a base projection of ``x`` [T, K], however it was computed (``mixed_lora_linear_torch``'s
+    own, or one from int8 weights). Shapes and ``runs`` are assumed valid (``alora_kernels.add_lora`` checks).
+    """
     if not runs:
         return y
     scales = scale.tolist() if scale is not None else [1.0] * A.shape[0]

@@ -21,7 +21,7 @@ from alora.engine.scheduler import Scheduler
 from alora.engine.structured import StructuredOutputs
 from alora.errors import AdapterInUseError, AloraError, ContextOverflowError, UnknownAdapterError
 from alora.intrinsics import IO_FILE, Intrinsic
-from alora.models import LlamaModel, load_model
+from alora.models import LlamaModel, check_quantize, load_model
 
 
 def default_kv_cache_gb(device: torch.device) -> float:
@@ -72,25 +72,32 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, device: str | None = None,
                         dtype: torch.dtype | str | None = None, kv_cache_gb: float | None = None,
-                        max_queue: int | None = None) -> "Engine":
+                        max_queue: int | None = None, quantize: str | None = None) -> "Engine":
         """Load an HF model folder (config.json, *.safetensors, tokenizer), or the embedded default model.
 
-        ``device`` defaults to CUDA when available; ``dtype`` to bfloat16 on CUDA, float32 on CPU.
-        ``kv_cache_gb`` bounds all KV memory (default: ``default_kv_cache_gb``); ``max_queue`` bounds the
-        calls waiting for the scheduler (default: unbounded; ``QueueFullError`` past it).
+        ``device`` defaults to CUDA when available (CPU with ``quantize``); ``dtype`` to bfloat16 on CUDA,
+        float32 on CPU. ``kv_cache_gb`` bounds all KV memory (default: ``default_kv_cache_gb``); ``max_queue``
+        bounds the calls waiting for the scheduler (default: unbounded; ``QueueFullError`` past it).
+
+        ``quantize="int8"``: weight-only int8 on CPU. Every decoder projection (q|k|v, o, gate|up, down) is
+        quantized once at load (symmetric, one float32 scale per output row) and its float copy freed; the
+        embeddings, the LM head, norms, biases, activations, the KV cache and adapters keep ``dtype``. Decode
+        reads about a quarter of the projections' float32 bytes. Another value, or a non-CPU device, raises
+        ``QuantizationError`` (an ``AloraError`` and ``ValueError``).
         """
         from transformers import AutoTokenizer, GenerationConfig
 
         from alora.default_model import default_model_dir
 
+        device = device or ("cuda" if torch.cuda.is_available() and quantize is None else "cpu")
+        check_quantize(quantize, device)  # before anything is read or converted
         folder = Path(path) if path is not None else default_model_dir()
         if not folder.is_dir():
             raise FileNotFoundError(f"model folder not found: {folder}")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-        model = load_model(folder, dtype=dtype, device=device)
+        model = load_model(folder, dtype=dtype, device=device, quantize=quantize)
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except Exception as e:

@@ -3,7 +3,8 @@ config.json), ``layers`` and ``llama`` (the torch implementation), ``loader`` (H
 
 from alora.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError
 from alora.models.llama import LlamaModel
-from alora.models.loader import FUSED_PARTS, PROJECTION_OF, load_model
+from alora.models.loader import (FUSED_PARTS, PROJECTION_OF, QUANTIZE_MODES, QuantizationError, check_quantize,
+                                 load_model)
 
 __all__ = ["load_model", "LlamaModel", "ModelConfig", "UnsupportedModelError", "SUPPORTED_ARCHITECTURES",
-           "FUSED_PARTS", "PROJECTION_OF"]
+           "FUSED_PARTS", "PROJECTION_OF", "QUANTIZE_MODES", "QuantizationError", "check_quantize"]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alora.context import SeqSpan, get_context
-from alora_kernels import cpu_gemv, mixed_lora_linear
+from alora_kernels import add_lora, cpu_gemv, mixed_lora_linear
 
 try:  # optional: used on CUDA when installed
     from flash_attn import flash_attn_func
@@ -37,6 +37,9 @@ class Linear(nn.Module):
 
     On CPU, decode-sized inputs (up to ``cpu_gemv.MAX_ROWS`` rows) go through our GEMV kernel, which streams
     a row-major weight: where it runs, the first forward makes a transposed-storage weight contiguous, once.
+
+    ``quantize_int8`` replaces the weight by int8 ``qweight`` and per-row ``scales`` (CPU only); the bias,
+    activations and adapters keep the model's dtype.
     """
 
     def __init__(self, in_features: int, out_features: int | list[int], bias: bool):
@@ -45,14 +48,26 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, sum(self.parts)
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(self.out_features), requires_grad=False) if bias else None
+        self.register_buffer("qweight", None)
+        self.register_buffer("scales", None)
         self.lora: LoraStack | None = None
 
+    def quantize_int8(self) -> None:
+        """Hold the weight as int8 with one float32 scale per output row (``cpu_gemv.quantize_int8``) and drop
+        the float weight; ``forward`` then computes the base projection with ``cpu_gemv.linear_int8`` (CPU)."""
+        self.qweight, self.scales = cpu_gemv.quantize_int8(self.weight)
+        self.weight = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = get_context()
+        adapted = ctx.slots is not None and self.lora is not None
+        if self.qweight is not None:
+            y = cpu_gemv.linear_int8(x, self.qweight, self.scales, self.bias)
+            return add_lora(y, x, self.lora.A, self.lora.B, None, ctx.slots, runs=ctx.slot_runs) if adapted else y
         if not self.weight.is_contiguous() and cpu_gemv.needs_row_major(self.weight):
             with torch.inference_mode(False):  # a normal tensor, like the one it replaces
                 self.weight.data = self.weight.data.contiguous()
-        ctx = get_context()
-        if ctx.slots is None or self.lora is None:
+        if not adapted:
             return cpu_gemv.linear(x, self.weight, self.bias)
         lora = self.lora
         return mixed_lora_linear(x, self.weight, self.bias, lora.A, lora.B, None, ctx.slots, runs=ctx.slot_runs)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from alora.errors import AloraError
 from alora.models.config import ModelConfig
 from alora.models.llama import LlamaModel
 from alora.safetensors_io import SafetensorsIndex
@@ -21,6 +22,13 @@ PROJECTION_OF.update({"o_proj": ("o_proj", 0), "down_proj": ("down_proj", 0)})
 # Granite 4 names its MLP differently: gate|up is one trained tensor there, as it is here.
 GRANITE4_MLP = {"mlp.gate_up_proj": "shared_mlp.input_linear", "mlp.down_proj": "shared_mlp.output_linear"}
 PROJECTION_OF.update({"input_linear": ("gate_up_proj", 0), "output_linear": ("down_proj", 0)})
+
+QUANTIZE_MODES = ("int8",)
+"""What ``load_model(quantize=...)`` accepts besides None: weight-only int8 of the decoder's projections."""
+
+
+class QuantizationError(AloraError, ValueError):
+    """A ``quantize`` mode that is unknown, or that cannot run on the requested device."""
 
 
 def _hf_sources(name: str, cfg: ModelConfig) -> list[str]:
@@ -38,8 +46,15 @@ def _hf_sources(name: str, cfg: ModelConfig) -> list[str]:
     return [f"model.{name}"]
 
 
-def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LlamaModel:
-    """Build our model from an HF folder; errors name the file or tensor that is wrong."""
+def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               quantize: str | None = None) -> LlamaModel:
+    """Build our model from an HF folder; errors name the file or tensor that is wrong.
+
+    ``quantize="int8"`` (CPU only) stores every decoder projection (q|k|v, o, gate|up, down) as int8 with one
+    float32 scale per output row, quantized once here from ``dtype`` weights; embeddings, the LM head, norms and
+    biases stay in ``dtype``. An unknown mode or a non-CPU device raises ``QuantizationError``.
+    """
+    check_quantize(quantize, device)
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder not found: {folder}")
@@ -54,9 +69,23 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
                              f"the config implies {tuple(param.shape)}")
         param.data = tensor.to(dtype)
     model = model.to(device)
+    if quantize == "int8":
+        for module in model.projections().values():
+            module.quantize_int8()
     if torch.device(device).type == "cpu":
         _store_projections_transposed(model)
     return model
+
+
+def check_quantize(quantize: str | None, device: str | torch.device) -> None:
+    """Raise ``QuantizationError`` unless ``quantize`` is None or a mode of ``QUANTIZE_MODES`` on a CPU device."""
+    if quantize is None:
+        return
+    if quantize not in QUANTIZE_MODES:
+        raise QuantizationError(f"quantize must be None or one of {list(QUANTIZE_MODES)}, got {quantize!r}")
+    if torch.device(device).type != "cpu":
+        raise QuantizationError(f"quantize={quantize!r} runs on CPU only (its kernel is a CPU GEMV), not on "
+                                f"device {str(device)!r}; use dtype='bfloat16' on a GPU instead")
 
 
 def _store_projections_transposed(model: LlamaModel) -> None:
@@ -65,7 +94,8 @@ def _store_projections_transposed(model: LlamaModel) -> None:
     On CPU, one-token decode is a GEMV bound by memory bandwidth, and MKL streams a row-major [in, out]
     matrix about 1.7x faster than the transposed access the usual layout needs (measured on this project's
     2-core machine: 15.4 vs 8.8 GB/s); prefill GEMMs run at the same speed either way. The tied or untied
-    vocabulary projection is included: it is a fifth of the weights read per token.
+    vocabulary projection is included: it is a fifth of the weights read per token. int8 projections are
+    left row-major: their kernel streams them as they are.
     """
-    for p in [m.weight for m in model.projections().values()] + [model.lm_head_weight]:
+    for p in [m.weight for m in model.projections().values() if m.weight is not None] + [model.lm_head_weight]:
         p.data = p.data.t().contiguous().t()

@@ -1,7 +1,8 @@
 """``alora serve``: the OpenAI-compatible server (``openai_api``) on uvicorn, and optionally the chat UI at /ui.
 
-    alora serve [--model PATH] [--adapter NAME=PATH ...] [--host 127.0.0.1] [--port 8000] [--served-model-name NAME]
-                [--kv-cache-gb X] [--max-queue N] [--api-key KEY] [--allow-runtime-adapters --adapter-dir DIR] [--ui]
+    alora serve [--model PATH] [--dtype DTYPE] [--quantize int8] [--adapter NAME=PATH ...] [--host 127.0.0.1]
+                [--port 8000] [--served-model-name NAME] [--kv-cache-gb X] [--max-queue N] [--api-key KEY]
+                [--allow-runtime-adapters --adapter-dir DIR] [--ui]
                 [--ray --replicas N [--max-replicas M] [--replica-cpus C] [--replica-gpus G]]
 
 ``--ray`` runs the same API as a Ray Serve application on a local Ray instance (``alora.serve.ray_app``).
@@ -17,6 +18,8 @@ import signal
 import sys
 from pathlib import Path
 
+from alora.cli import add_precision_arguments
+
 
 def add_parser(subparsers) -> None:
     """Register the ``serve`` subcommand on ``alora``'s subparsers."""
@@ -26,6 +29,7 @@ def add_parser(subparsers) -> None:
                     "(stream or not), GET /v1/models, /health, /metrics. Requests pick an adapter with "
                     "\"model\": \"<adapter name>\", the base model with its served name.")
     p.add_argument("--model", help="Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
+    add_precision_arguments(p)
     p.add_argument("--adapter", action="append", metavar="NAME=PATH",
                    help="load a PEFT adapter folder under NAME (repeatable; default: the demo adapters that fit)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -83,7 +87,8 @@ def _main(args: argparse.Namespace) -> int:
     import alora
     from alora.serve.openai_api import create_app
 
-    engine = alora.Engine.from_pretrained(args.model, kv_cache_gb=args.kv_cache_gb, max_queue=args.max_queue)
+    engine = alora.Engine.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize,
+                                          kv_cache_gb=args.kv_cache_gb, max_queue=args.max_queue)
     try:
         load_adapters(engine, args.adapter)
         app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key,
@@ -112,7 +117,8 @@ def _main_ray(args: argparse.Namespace) -> int:
 
     spec = ray_app.ReplicaSpec(model=args.model, adapters=tuple(args.adapter) if args.adapter else None,
                                served_model_name=args.served_model_name, kv_cache_gb=args.kv_cache_gb,
-                               max_queue=args.max_queue, api_key=args.api_key)
+                               max_queue=args.max_queue, api_key=args.api_key, dtype=args.dtype,
+                               quantize=args.quantize)
     cpus = args.replica_cpus or (os.cpu_count() or 1) / (args.max_replicas or args.replicas)
     app = ray_app.build_app(spec, replicas=args.replicas, max_replicas=args.max_replicas, replica_cpus=cpus,
                             replica_gpus=args.replica_gpus)

@@ -99,14 +99,17 @@ GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 @dataclass(frozen=True)
 class ReplicaSpec:
-    """What every replica builds: the engine (``model`` None: the embedded default) and its adapters
-    (``NAME=PATH`` specs; None: the demo adapters), and ``create_app``'s options."""
+    """What every replica builds: the engine (``model`` None: the embedded default; ``dtype`` and ``quantize``
+    as ``Engine.from_pretrained`` takes them) and its adapters (``NAME=PATH`` specs; None: the demo adapters),
+    and ``create_app``'s options."""
     model: str | None = None
     adapters: tuple[str, ...] | None = None
     served_model_name: str | None = None
     kv_cache_gb: float | None = None
     max_queue: int | None = None
     api_key: str | None = None
+    dtype: str | None = None
+    quantize: str | None = None
 
 
 @dataclass(frozen=True)
@@ -187,7 +190,8 @@ class AloraReplica:
 
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         torch.set_num_threads(max(1, math.floor(cpus)))  # a fractional share: one thread
-        self.engine = alora.Engine.from_pretrained(spec.model, kv_cache_gb=spec.kv_cache_gb, max_queue=spec.max_queue)
+        self.engine = alora.Engine.from_pretrained(spec.model, dtype=spec.dtype, quantize=spec.quantize,
+                                                   kv_cache_gb=spec.kv_cache_gb, max_queue=spec.max_queue)
         try:
             load_adapters(self.engine, list(spec.adapters) if spec.adapters is not None else None)
             self.app = create_app(self.engine, served_model_name=spec.served_model_name, api_key=spec.api_key)
@@ -397,16 +401,17 @@ def build_app(spec: ReplicaSpec, *, replicas: int = 1, max_replicas: int | None 
 def app_builder(args: dict[str, str]):
     """For ``serve run alora.serve.ray_app:app_builder key=value ...``: ``replicas``, ``max_replicas``,
     ``replica_cpus``, ``replica_gpus``, ``model``, ``adapter`` (``NAME=PATH`` specs, comma-separated),
-    ``served_model_name``, ``kv_cache_gb``, ``max_queue``, ``api_key``, ``routing``."""
+    ``served_model_name``, ``kv_cache_gb``, ``max_queue``, ``api_key``, ``dtype``, ``quantize``, ``routing``."""
     known = {"replicas", "max_replicas", "replica_cpus", "replica_gpus", "model", "adapter", "served_model_name",
-             "kv_cache_gb", "max_queue", "api_key", "routing"}
+             "kv_cache_gb", "max_queue", "api_key", "dtype", "quantize", "routing"}
     if unknown := set(args) - known:
         raise ValueError(f"unknown arguments {sorted(unknown)}; known: {sorted(known)}")
     number = lambda key, kind: kind(args[key]) if key in args else None  # noqa: E731
     spec = ReplicaSpec(model=args.get("model"),
                        adapters=tuple(args["adapter"].split(",")) if args.get("adapter") else None,
                        served_model_name=args.get("served_model_name"), kv_cache_gb=number("kv_cache_gb", float),
-                       max_queue=number("max_queue", int), api_key=args.get("api_key"))
+                       max_queue=number("max_queue", int), api_key=args.get("api_key"), dtype=args.get("dtype"),
+                       quantize=args.get("quantize"))
     return build_app(spec, replicas=number("replicas", int) or 1, max_replicas=number("max_replicas", int),
                      replica_cpus=number("replica_cpus", float) or 1.0, replica_gpus=number("replica_gpus", float) or 0.0,
                      routing=args.get("routing", "conversation"))
