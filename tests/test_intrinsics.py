@@ -299,3 +299,14 @@ def test_ibm_layouts_load_without_renaming(tmp_path, eng, intrinsic):
         assert name == leaf.split("/")[0] and eng.adapters[name].kind == "alora"
         eng.unload_adapter(name)
     assert "my_check" not in eng.intrinsics
+
+
+def test_a_prompt_without_the_invocation_is_refused_after_one_decode(eng, intrinsic, monkeypatch):
+    """No invocation text in a long prompt: ``activation_prompt`` says so from one decode of the prompt, not one
+    per tail length (the server asks this before appending an invocation to every aLoRA chat request)."""
+    prompt = eng.conversation(messages=HISTORY * 20).history_ids
+    calls = []
+    decode = eng.tokenizer.decode
+    monkeypatch.setattr(eng.tokenizer, "decode", lambda ids, *a, **k: calls.append(len(ids)) or decode(ids, *a, **k))
+    assert eng.activation_prompt("check", prompt) is None
+    assert len(calls) <= 2, calls  # the invocation's text and the prompt's

@@ -189,6 +189,8 @@ class Engine:
         if info.kind != "alora" or not inv or last_occurrence(ids, inv) is not None:
             return ids
         text = self.tokenizer.decode(inv)
+        if text not in self.tokenizer.decode(ids[-4096:]):  # the usual case, one decode: no invocation at all
+            return None
         for k in range(len(inv), min(len(ids), 4096) + 1):
             tail = self.tokenizer.decode(ids[-k:])
             at = tail.rfind(text)
