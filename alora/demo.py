@@ -1,8 +1,11 @@
 """The demo adapters shipped inside the package, trained on the default model (SmolLM2-135M-Instruct).
 
-Intrinsics made by context distillation (``benchmarks/make_intrinsics_data.py``, ``alora train``):
-``title``, ``summary`` and ``followup`` are aLoRAs (invoked after the history, cache reused); ``title_lora``
-is a standard LoRA trained on the same data, for comparison (it recomputes the history).
+- ``hallucination`` and ``query_rewrite``: aLoRA intrinsics in IBM's layout (adapter + ``io.yaml``; call them with
+  ``Conversation.run_intrinsic``), trained on data whose labels come from how it is built
+  (``benchmarks/make_intrinsics_data.py``);
+- ``title``, ``summary`` and ``followup``: aLoRAs made by context distillation from the base model itself
+  (``benchmarks/make_distill_data.py``), invoked after the history with the cache reused; ``title_lora`` is a
+  standard LoRA trained on the same data, for comparison (it recomputes the history).
 """
 
 from __future__ import annotations

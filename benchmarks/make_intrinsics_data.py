@@ -26,15 +26,19 @@ Train and held-out rows come from disjoint pools of names (people, companies, to
 entities were never seen in training. Output: ``benchmarks/data/{name}_{train,heldout}.jsonl`` and
 ``benchmarks/data/{name}_io.yaml``.
 
-Reproduce the shipped data and adapters (times measured on the shared 2-core CPU of the build; see the README)::
+Reproduce the shipped data and adapters (each adapter folder's ``alora_train.json`` records its arguments; times
+on the 2-core CPU of the build, shared with other work, so 6-13 s a step)::
 
     .venv/bin/python benchmarks/make_intrinsics_data.py        # a second: 3 x (800 train + 200 held-out) rows
-    T="--rank 8 --top-layers 15 --epochs 2 --batch-size 8 --lr 1e-3 --save-dtype float16"
-    for n in answerability hallucination query_rewrite; do
+    T="--rank 8 --top-layers 15 --epochs 1 --batch-size 8 --lr 1e-3 --save-dtype float16 --val-final-only"
+    n=answerability                                            # 100 steps (one epoch) each, aLoRA and LoRA twin
+    .venv/bin/python -m alora.cli train benchmarks/data/${n}_train.jsonl alora/demo_adapters/${n} \\
+        --val benchmarks/data/${n}_heldout.jsonl --io-yaml benchmarks/data/${n}_io.yaml $T
+    .venv/bin/python -m alora.cli train benchmarks/data/${n}_train.jsonl alora/demo_adapters/${n}_lora \\
+        --val benchmarks/data/${n}_heldout.jsonl --io-yaml benchmarks/data/${n}_io.yaml $T --lora
+    for n in hallucination query_rewrite; do                   # 60 steps each (time), no LoRA twin shipped
       .venv/bin/python -m alora.cli train benchmarks/data/${n}_train.jsonl alora/demo_adapters/${n} \\
-          --val benchmarks/data/${n}_heldout.jsonl --io-yaml benchmarks/data/${n}_io.yaml $T
-      .venv/bin/python -m alora.cli train benchmarks/data/${n}_train.jsonl alora/demo_adapters/${n}_lora \\
-          --val benchmarks/data/${n}_heldout.jsonl --io-yaml benchmarks/data/${n}_io.yaml $T --lora
+          --val benchmarks/data/${n}_heldout.jsonl --io-yaml benchmarks/data/${n}_io.yaml $T --max-steps 60
     done
     .venv/bin/python benchmarks/intrinsics_quality.py          # the quality table
 """

@@ -244,7 +244,8 @@ def test_demo_adapters_listed():
 
 @pytest.mark.slow
 def test_demo_adapters_work_in_engine_and_peft(engine, default_dir):
-    """Every shipped adapter loads in the engine and PEFT with equal logits, and invokes to non-empty text."""
+    """Every shipped adapter loads in the engine and PEFT with equal logits, and invokes to non-empty text; an
+    intrinsic (an io.yaml beside it) is called as its clients call it and returns a result of its schema's shape."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -259,10 +260,21 @@ def test_demo_adapters_work_in_engine_and_peft(engine, default_dir):
         base = AutoModelForCausalLM.from_pretrained(default_dir, dtype=torch.float32)
         peft_model = None
         for name, folder in folders.items():
-            out = "".join(conv.invoke(name, max_new_tokens=16, temperature=0.0)).strip()
-            assert out, f"{name} produced nothing"
-            assert conv.history_ids == history  # invoke leaves the history alone
-            ids = history + list(infos[name].invocation_tokens) + engine.tokenizer(out)["input_ids"][:8]
+            spec = engine.intrinsics.get(name)
+            if spec is None:
+                out = "".join(conv.invoke(name, max_new_tokens=16, temperature=0.0)).strip()
+                assert out, f"{name} produced nothing"
+                ids = history + list(infos[name].invocation_tokens) + engine.tokenizer(out)["input_ids"][:8]
+            else:
+                result = conv.run_intrinsic(name)
+                assert isinstance(result, dict) and len(result) == 1, (name, result)  # the nest rule's field
+                value = next(iter(result.values()))
+                assert (0.0 <= value <= 1.0) if spec.needs_logprobs else (isinstance(value, str) and value), result
+                prompt = engine.tokenizer.apply_chat_template(
+                    conv.messages + [{"role": "user", "content": spec.instruction}], add_generation_prompt=True,
+                    tokenize=True, return_dict=True)["input_ids"]
+                ids = list(prompt) + engine.tokenizer('"', add_special_tokens=False)["input_ids"]
+            assert conv.history_ids == history  # invoke and intrinsics leave the history alone
             if peft_model is None:
                 peft_model = PeftModel.from_pretrained(base, folder, adapter_name=name).eval()
             else:
