@@ -1,7 +1,9 @@
 """Engine speed: prefill time and decode tokens/s, ours vs transformers, side by side on the same model.
 
 For each prompt length L, one greedy generation of ``--decode-tokens`` tokens (EOS disabled / suppressed) by
-- ``ours``:        ``Engine.start_call`` on a fresh KV cache (the path ``conv.send`` runs);
+- ``ours``:        ``Engine.start_call`` on a fresh KV cache (the path ``conv.send`` runs), float32;
+- ``ours_bf16``, ``ours_int8``: the same engine in bfloat16, and with weight-only int8 projections
+                   (``quantize="int8"``, float32 activations), when ``--modes`` asks for them (CPU only);
 - ``hf_loop``:     transformers, a plain loop: ``model(ids, DynamicCache, logits_to_keep=1)`` then one forward
                    per token (transformers' best case, no ``generate`` machinery);
 - ``hf_generate``: transformers ``model.generate`` (what most users call), first token timed with a streamer;
@@ -49,6 +51,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--llamacpp", type=lambda s: [] if s == "none" else s.split(","), default=list(llamacpp.TYPES),
                    help=f"llama.cpp GGUF types to run when the peer is built (default {','.join(llamacpp.TYPES)}; "
                         "'none' leaves it out)")
+    p.add_argument("--modes", type=lambda s: s.split(","), default=["float32"],
+                   help=f"our engine's modes, comma-separated from {', '.join(MODES)} (default float32; "
+                        "bfloat16 and int8 on CPU only)")
     p.add_argument("--quick", action="store_true", help="smoke run: L=128,512, 2 runs, 8 tokens; writes *_quick files")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/engine_speed[_cuda][_quick].json)")
     add_guard_args(p)
@@ -59,7 +64,16 @@ def parse_args() -> argparse.Namespace:
         p.error("--runs >= 1 and --decode-tokens >= 2")
     if unknown := set(args.llamacpp) - set(llamacpp.TYPES):
         p.error(f"--llamacpp: unknown types {sorted(unknown)}")
+    if unknown := set(args.modes) - set(MODES):
+        p.error(f"--modes: unknown modes {sorted(unknown)}")
+    if "float32" not in args.modes:
+        p.error("--modes must include float32: the other columns are compared with it")
     return args
+
+
+MODES = {"float32": ("ours", {}), "bfloat16": ("ours_bf16", {"dtype": torch.bfloat16}),
+         "int8": ("ours_int8", {"quantize": "int8"})}
+"""Our engine's modes: --modes name -> (method name, Engine.from_pretrained keywords)."""
 
 
 def prompt_ids(tokenizer, L: int) -> list[int]:
@@ -150,9 +164,15 @@ def main() -> None:
     limit = engine.config.max_position_embeddings
     if any(L + args.decode_tokens > limit for L in args.lengths):
         sys.exit(f"--lengths must leave room for {args.decode_tokens} tokens in the context of {limit}")
-    fns = {"ours": lambda ids: run_ours(engine, ids, args.decode_tokens, args.device),
-           "hf_loop": lambda ids: run_hf_loop(hf, ids, args.decode_tokens, args.device),
-           "hf_generate": lambda ids: run_hf_generate(hf, ids, args.decode_tokens, args.device)}
+    fns = {"ours": lambda ids: run_ours(engine, ids, args.decode_tokens, args.device)}
+    for mode in args.modes:
+        if mode != "float32":
+            name, kwargs = MODES[mode]
+            other = alora.Engine.from_pretrained(args.model, device=args.device, **kwargs)
+            other.eos_token_ids = frozenset()
+            fns[name] = lambda ids, e=other: run_ours(e, ids, args.decode_tokens, args.device)
+    fns |= {"hf_loop": lambda ids: run_hf_loop(hf, ids, args.decode_tokens, args.device),
+            "hf_generate": lambda ids: run_hf_generate(hf, ids, args.decode_tokens, args.device)}
     worker, peer_info, peer = start_peer(args, max(args.lengths) + args.decode_tokens + 16)
     for t in peer_info:
         fns[f"llamacpp_{t}"] = lambda ids, t=t: run_llamacpp(worker, t, ids, args.decode_tokens)
@@ -192,7 +212,7 @@ def main() -> None:
                   "hidden": cfg.hidden_size, "dtype": str(engine.dtype),
                   "hf_attn_implementation": getattr(hf.config, "_attn_implementation", None)},
         "config": {"lengths": args.lengths, "runs": args.runs, "warmup_runs": 1, "decode_tokens": args.decode_tokens,
-                   "threads": args.threads, "methods": methods,
+                   "threads": args.threads, "methods": methods, "modes": args.modes,
                    "decoding": "greedy, EOS disabled (ours, llama.cpp) / min_new_tokens (HF)"},
         "llamacpp": {"built": peer is not None, "contexts": peer_info,
                      **({"llama_cpp_python": peer["llama_cpp_python"], "built_from": peer["built_from"],
