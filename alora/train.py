@@ -118,7 +118,8 @@ def read_jsonl(path: str | Path) -> list[Example]:
     return out
 
 
-def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    """The token ids of ``messages`` rendered by the tokenizer's chat template."""
     ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
@@ -127,8 +128,8 @@ def prompt_ids(tokenizer, ex: Example) -> list[int]:
     """The prompt the target follows: the history and the invocation, or (instruction form) the chat with the
     instruction as the last user message, rendered with the generation prompt."""
     if ex.instruction is not None:
-        return _chat_ids(tokenizer, ex.messages + [{"role": "user", "content": ex.instruction}], True)
-    return _chat_ids(tokenizer, ex.messages) + tokenizer(ex.invocation, add_special_tokens=False)["input_ids"]
+        return chat_ids(tokenizer, ex.messages + [{"role": "user", "content": ex.instruction}], True)
+    return chat_ids(tokenizer, ex.messages) + tokenizer(ex.invocation, add_special_tokens=False)["input_ids"]
 
 
 def encode(tokenizer, ex: Example) -> tuple[list[int], list[int]]:
@@ -147,7 +148,7 @@ def check_activation(tokenizer, ex: Example, prompt: list[int], inv_ids: list[in
     if at is None:
         raise DataError(f"{where}: invocation tokens {inv_ids} ({ex.invocation!r}) do not occur in the "
                         f"tokenized prompt")
-    if ex.instruction is not None and at < len(_chat_ids(tokenizer, ex.messages)):
+    if ex.instruction is not None and at < len(chat_ids(tokenizer, ex.messages)):
         raise DataError(f"{where}: the invocation {ex.invocation!r} last occurs before the instruction's turn")
 
 

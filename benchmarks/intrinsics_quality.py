@@ -50,12 +50,6 @@ def normalize(text: str) -> str:
     return " ".join(text.lower().split()).rstrip(" ?.!")
 
 
-def prompt_of(tokenizer, row: dict) -> list[int]:
-    ids = tokenizer.apply_chat_template(row["messages"] + [{"role": "user", "content": row["instruction"]}],
-                                        tokenize=True, add_generation_prompt=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-
 def first_tokens(tokenizer, categories: dict) -> dict[str, int]:
     """The token each category's JSON string starts with, after its opening quote (they must differ)."""
     quote = tokenizer('"', add_special_tokens=False)["input_ids"]
@@ -208,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     import alora
     from alora.demo import demo_adapters
     from alora.intrinsics import Intrinsic
+    from alora.train import Example, prompt_ids
 
     folders = ({d.name: d for d in sorted(args.adapters.iterdir()) if (d / "adapter_config.json").is_file()}
                if args.adapters else demo_adapters())
@@ -229,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             if adapter in folders:
                 engine.load_adapter(adapter, folders[adapter])
                 systems[label] = adapter
-        prompts = [prompt_of(tok, r) for r in rows]
+        prompts = [prompt_ids(tok, Example(r["messages"], r.get("invocation"), r["target"], r["instruction"]))
+                   for r in rows]  # what alora train trained on: the chat, the instruction, the generation prompt
         cases = [r["case"] for r in rows]
         spec = INTRINSICS[name]
         per: dict[str, dict] = {}

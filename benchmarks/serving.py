@@ -157,13 +157,11 @@ def llamacpp_target(threads: int, base_lora: str) -> Target | None:
         return None
     from transformers import AutoTokenizer
 
+    from alora.train import chat_ids
+
     tokenizer = AutoTokenizer.from_pretrained(m["base_safetensors"])
     adapters = llamacpp.converted_adapters(m)
     names = sorted(adapters)  # --lora order: llama-server's adapter ids
-
-    def render(messages: list[dict], generation_prompt: bool) -> list[int]:
-        out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
 
     def select(adapter: str | None, models: list[dict]) -> dict:
         if adapter is not None and adapter not in adapters:
@@ -174,7 +172,7 @@ def llamacpp_target(threads: int, base_lora: str) -> Target | None:
     def request(fields: dict, messages: list[dict]) -> tuple[str, dict]:
         body = {k: v for k, v in fields.items() if k != "model"}
         inv = adapters[fields["model"]]["alora_invocation_tokens"] if fields["model"] in adapters else None
-        ids = render(messages, not inv) + list(inv or [])
+        ids = chat_ids(tokenizer, messages, not inv) + list(inv or [])
         return "/v1/completions", {**body, "prompt": ids, "cache_prompt": True}
 
     return Target(

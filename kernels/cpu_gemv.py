@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MAX_ROWS", "available", "dequantize_int8", "linear", "linear_int8", "needs_row_major",
-           "quantize_int8"]
+__all__ = ["MAX_ROWS", "available", "dequantize_int8", "linear", "linear_int8", "quantize_int8"]
 
 MAX_ROWS = 16
 """Most rows of x the kernel takes; more rows (prefill) go to torch's GEMM, which is compute-bound there."""
@@ -75,15 +74,6 @@ def available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether ``linear`` runs the kernel for ``dtype`` on this machine (``torch.int8``: whether ``linear_int8``
     does); builds the extension on first call."""
     return dtype in _dtypes()
-
-
-def needs_row_major(W: torch.Tensor) -> bool:
-    """Whether ``W`` [N, K] should be made contiguous once so that ``linear`` can stream it.
-
-    True for a CPU weight of a dtype the kernel serves whose rows are not contiguous (e.g. a transposed copy
-    kept for torch's GEMV); the kernel reads only row-major weights and leaves others to ``F.linear``.
-    """
-    return W.device.type == "cpu" and not W.is_contiguous() and available(W.dtype)
 
 
 def linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -141,17 +141,11 @@ def test_a_failed_build_falls_back_to_f_linear_with_one_warning(tmp_path):
     assert count == "1" and "could not build the CPU GEMV kernel" in message and "F.linear" in message
 
 
-def test_linear_layer_streams_a_transposed_weight_after_making_it_contiguous():
-    """The loader keeps [in, out] storage; the layer's first forward makes it row-major, once, same values."""
-    from alora.context import ForwardContext, forward_context
-    from alora.models.layers import Linear
+def test_loader_keeps_the_projections_the_kernel_streams_row_major(tiny_dirs):
+    """Projections stay [out, in] row-major where the kernel serves them (its layout: no copy at the first
+    forward); the vocabulary projection, which torch's GEMV multiplies, keeps [in, out] storage."""
+    from alora.models import load_model
 
-    layer = Linear(576, [576, 192, 192], bias=True)
-    W, b = torch.randn(960, 576) / 24, torch.randn(960)
-    layer.weight.data, layer.bias.data = W.t().contiguous().t(), b
-    x = torch.randn(3, 576)
-    ctx = ForwardContext(positions=torch.arange(3), spans=(), slots=None)
-    with torch.inference_mode(), forward_context(ctx):
-        y = layer(x)
-    assert layer.weight.is_contiguous() and torch.equal(layer.weight, W) and not layer.weight.is_inference()
-    torch.testing.assert_close(y, F.linear(x, W, b), rtol=0, atol=1e-4)
+    model = load_model(tiny_dirs["llama"])
+    assert all(m.weight.is_contiguous() == cpu_gemv.available(m.weight.dtype) for m in model.projections().values())
+    assert not model.lm_head_weight.is_contiguous() and model.lm_head_weight.t().is_contiguous()

@@ -36,7 +36,7 @@ class Linear(nn.Module):
     the separate projections can be stacked into the fused layout.
 
     On CPU, decode-sized inputs (up to ``cpu_gemv.MAX_ROWS`` rows) go through our GEMV kernel, which streams
-    a row-major weight: where it runs, the first forward makes a transposed-storage weight contiguous, once.
+    a row-major weight (the loader keeps that layout where the kernel serves the weight's dtype).
 
     ``quantize_int8`` replaces the weight by int8 ``qweight`` and per-row ``scales`` (CPU only); the bias,
     activations and adapters keep the model's dtype.
@@ -64,9 +64,6 @@ class Linear(nn.Module):
         if self.qweight is not None:
             y = cpu_gemv.linear_int8(x, self.qweight, self.scales, self.bias)
             return add_lora(y, x, self.lora.A, self.lora.B, None, ctx.slots, runs=ctx.slot_runs) if adapted else y
-        if not self.weight.is_contiguous() and cpu_gemv.needs_row_major(self.weight):
-            with torch.inference_mode(False):  # a normal tensor, like the one it replaces
-                self.weight.data = self.weight.data.contiguous()
         if not adapted:
             return cpu_gemv.linear(x, self.weight, self.bias)
         lora = self.lora

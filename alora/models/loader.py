@@ -11,6 +11,7 @@ from alora.errors import AloraError
 from alora.models.config import ModelConfig
 from alora.models.llama import LlamaModel
 from alora.safetensors_io import SafetensorsIndex
+from alora_kernels import cpu_gemv
 
 # Our fused projections and the HF projections they hold, in order.
 FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -89,13 +90,16 @@ def check_quantize(quantize: str | None, device: str | torch.device) -> None:
 
 
 def _store_projections_transposed(model: LlamaModel) -> None:
-    """Keep every projection's [out, in] weight as a view of [in, out] storage.
+    """Keep the [out, in] weights that torch's GEMV multiplies as views of [in, out] storage.
 
     On CPU, one-token decode is a GEMV bound by memory bandwidth, and MKL streams a row-major [in, out]
     matrix about 1.7x faster than the transposed access the usual layout needs (measured on this project's
     2-core machine: 15.4 vs 8.8 GB/s); prefill GEMMs run at the same speed either way. The tied or untied
-    vocabulary projection is included: it is a fifth of the weights read per token. int8 projections are
-    left row-major: their kernel streams them as they are.
+    vocabulary projection is always one of them: it is a fifth of the weights read per token. The decoder's
+    projections are only where our GEMV kernel (``cpu_gemv``) does not serve their dtype: it streams row-major
+    [out, in] weights, and int8 ones, as they are.
     """
-    for p in [m.weight for m in model.projections().values() if m.weight is not None] + [model.lm_head_weight]:
+    served = [m.weight for m in model.projections().values()
+              if m.weight is not None and not cpu_gemv.available(m.weight.dtype)]
+    for p in served + [model.lm_head_weight]:
         p.data = p.data.t().contiguous().t()

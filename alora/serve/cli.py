@@ -95,9 +95,7 @@ def _main(args: argparse.Namespace) -> int:
                          allow_runtime_adapters=args.allow_runtime_adapters, adapter_dir=args.adapter_dir)
         if args.ui:
             _mount_ui(app, engine, args.adapter_dir)
-        if args.host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"warning: serving on {args.host}: anyone who can reach this address can use the model"
-                  + ("" if args.api_key else " (no --api-key)"), file=sys.stderr)
+        _warn_if_exposed(args)
         config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=10)
         signal.signal(signal.SIGTERM, _interrupt)  # uvicorn handles it, then re-raises it here: exit 0, as on Ctrl-C
         _server_class()(config, engine, args.served_model_name or engine.model_path.name, args.ui).run()
@@ -122,11 +120,15 @@ def _main_ray(args: argparse.Namespace) -> int:
     cpus = args.replica_cpus or (os.cpu_count() or 1) / (args.max_replicas or args.replicas)
     app = ray_app.build_app(spec, replicas=args.replicas, max_replicas=args.max_replicas, replica_cpus=cpus,
                             replica_gpus=args.replica_gpus)
+    _warn_if_exposed(args)
+    return ray_app.serve_forever(app, host=args.host, port=args.port, replicas=args.replicas,
+                                 label=args.served_model_name or args.model or "the default model")
+
+
+def _warn_if_exposed(args: argparse.Namespace) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host}: anyone who can reach this address can use the model"
               + ("" if args.api_key else " (no --api-key)"), file=sys.stderr)
-    return ray_app.serve_forever(app, host=args.host, port=args.port, replicas=args.replicas,
-                                 label=args.served_model_name or args.model or "the default model")
 
 
 def load_adapters(engine, specs: list[str] | None) -> None:
