@@ -2,13 +2,14 @@
 
 With one to a few rows of activations a projection is bound by the bytes of W it reads. torch's CPU GEMV
 streams float32 weights at about half the bandwidth this machine kind has, and its GEMM for 4-8 rows is
-slower still than for one; ``cpu_gemv.cpp`` reads each weight byte once for all rows (float32 with FMA,
-bfloat16 with AVX512_BF16 dot products and float32 accumulation), on torch's intra-op threads.
+slower still than for one; ``cpu_ops.cpp`` reads each weight byte once for all rows (float32 with FMA,
+bfloat16 with AVX512_BF16 dot products and float32 accumulation), on torch's intra-op threads, or on the
+extension's own worker threads in a thread that called ``use_worker_pool`` (the engine's scheduler thread).
 
 Weight-only int8 (``quantize_int8``, ``linear_int8``) reads a quarter of float32's bytes: int8 weights with one
 float32 scale per output row, widened to float32 in registers and multiplied with float32 activations.
 
-The extension is compiled on first use with ``torch.utils.cpp_extension`` into ``$ALORA_CACHE/ext``
+The extension (``cpu_ops.cpp``, also ``cpu_attention``'s kernels) is compiled on first use with ``torch.utils.cpp_extension`` into ``$ALORA_CACHE/ext``
 (default ``~/.cache/alora/ext``; once, about 20 s, reused afterwards while the source is unchanged). Where it
 cannot run (no AVX-512, no bfloat16 dot products for bf16, no compiler, a build error) ``linear`` is
 ``F.linear``, after a one-line warning, and ``linear_int8`` dequantizes the weight on every call.
@@ -24,12 +25,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MAX_ROWS", "available", "dequantize_int8", "linear", "linear_int8", "quantize_int8"]
+__all__ = ["MAX_ROWS", "available", "dequantize_int8", "linear", "linear_int8", "quantize_int8", "use_worker_pool"]
 
 MAX_ROWS = 16
-"""Most rows of x the kernel takes; more rows (prefill) go to torch's GEMM, which is compute-bound there."""
+"""Most rows of x the GEMV takes; more rows (prefill) go to torch's GEMM, which is compute-bound there."""
 
-_SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
+_SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 
 
 def _cpu_flags() -> set[str]:
@@ -58,7 +59,7 @@ def _dtypes() -> frozenset[torch.dtype]:
 
         folder = build_dir()
         folder.mkdir(parents=True, exist_ok=True)
-        load(name="alora_gemv", sources=[str(_SOURCE)], build_directory=str(folder), is_python_module=False,
+        load(name="alora_cpu", sources=[str(_SOURCE)], build_directory=str(folder), is_python_module=False,
              extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp"],
              extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, missing headers, a failed build: torch's path still works
@@ -81,11 +82,30 @@ def linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None = None) -
 
     The kernel runs where x is [M, K] with M <= ``MAX_ROWS``, W a contiguous [N, K] of x's dtype (float32, or
     bfloat16 on CPUs with AVX512_BF16), bias None or [N] of that dtype, and no gradient is wanted; everything
-    else is ``F.linear``'s (the compiled op decides, in C++, so the choice costs nothing per call). Results
+    else is ``F.linear``'s (the compiled op decides, in C++, so the choice costs nothing per call); in a thread
+    that called ``use_worker_pool``, more rows are split over the pool, one GEMM per thread. Results
     match ``F.linear`` to float32 rounding (bfloat16: one rounding of a float32 sum, as torch's), and each row's
     result does not depend on the other rows of x or on the thread count.
     """
     return _impl(x, W, bias)
+
+
+def use_worker_pool(threads: int | None = None) -> bool:
+    """Run the calling thread's CPU kernels on the extension's worker threads, and its torch ops on itself alone.
+
+    For a thread that runs a model's forward while other threads may use torch too (the engine's scheduler):
+    OpenMP lets the threads of a parallel loop spin while they wait for the next one only as long as no more
+    threads use OpenMP than there are CPUs, so a second thread that has used torch (the program's main thread,
+    say) made every small parallel loop of a decode step wait for sleeping threads (a step took 2x as long).
+    After this call, in this thread only: ``linear``/``linear_int8`` and ``cpu_attention``'s kernels split their
+    work over ``threads`` threads of the pool (default ``torch.get_num_threads()``: GEMMs of prefill-sized
+    inputs too, one single-threaded piece per thread), and every other torch op (OpenMP, MKL) runs
+    single-threaded. Returns False, changing nothing, when the extension is not available.
+    """
+    if not _dtypes():
+        return False
+    torch.ops.alora_cpu.use_worker_pool(threads or torch.get_num_threads())
+    return True
 
 
 def quantize_int8(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,14 +147,14 @@ def _dequantized_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
 
 def _first_call(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     global _impl
-    _impl = torch.ops.alora_gemv.linear.default if _dtypes() else F.linear
+    _impl = torch.ops.alora_cpu.linear.default if _dtypes() else F.linear
     return _impl(x, W, bias)
 
 
 def _first_call_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                      bias: torch.Tensor | None) -> torch.Tensor:
     global _impl_int8
-    _impl_int8 = torch.ops.alora_gemv.linear_int8.default if torch.int8 in _dtypes() else _dequantized_linear
+    _impl_int8 = torch.ops.alora_cpu.linear_int8.default if torch.int8 in _dtypes() else _dequantized_linear
     return _impl_int8(x, qweight, scales, bias)
 
 

@@ -23,6 +23,7 @@ from alora.engine.request import Call, Event, TokenLogprob
 from alora.engine.runner import ModelRunner
 from alora.engine.sampling import sample
 from alora.errors import EngineClosedError, QueueFullError
+from alora_kernels import cpu_gemv
 
 
 class Scheduler:
@@ -92,6 +93,8 @@ class Scheduler:
     # ---- the scheduler thread --------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self.runner.device.type == "cpu":
+            cpu_gemv.use_worker_pool()  # the forward's threads are the kernels' own, whoever else uses torch
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._closed or self.waiting or self.running)

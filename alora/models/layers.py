@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alora.context import SeqSpan, get_context
-from alora_kernels import add_lora, cpu_gemv, mixed_lora_linear
+from alora_kernels import add_lora, cpu_attention, cpu_gemv, mixed_lora_linear
 
 try:  # optional: used on CUDA when installed
     from flash_attn import flash_attn_func
@@ -131,12 +131,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: SeqSpan, lay
                               window_size=(window - 1, 0) if window else (-1, -1))
         return out.squeeze(0)
     heads, kv_heads = q.shape[1], keys.shape[0]
-    if n == 1:
-        # One query row needs no mask: fold each KV head's query group into rows (no K/V copies) and use
-        # plain matmuls, which beat SDPA's CPU kernel by far at this size.
-        qg = q.view(kv_heads, heads // kv_heads, q.shape[-1])
+    if n == 1:  # one query row needs no mask
         if window is not None and total > window:
             keys, values = keys[:, total - window:], values[:, total - window:]
+        if not q.is_cuda:
+            return cpu_attention.decode_attention(q[0], keys, values, scale)[None]
+        # fold each KV head's query group into rows (no K/V copies): plain matmuls beat SDPA at this size
+        qg = q.view(kv_heads, heads // kv_heads, q.shape[-1])
         scores = torch.baddbmm(qg.new_empty(()), qg, keys.transpose(1, 2), beta=0, alpha=scale)
         out = torch.bmm(torch.softmax(scores.float(), dim=-1).to(values.dtype), values)
         return out.reshape(1, heads, q.shape[-1])
@@ -152,6 +153,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: SeqSpan, lay
         if window is not None and total > window:
             mask &= cols > rows - window
     # 4-D inputs: 3-D ones take a different, less accurate CPU kernel
-    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
-                                         is_causal=mask is None, scale=scale)
+    q4, k4, v4 = q.transpose(0, 1)[None], keys[None], values[None]
+    if q.is_cuda:
+        out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, is_causal=mask is None, scale=scale)
+    else:
+        out = cpu_attention.attention(q4, k4, v4, mask, mask is None, scale)
     return out[0].transpose(0, 1)

@@ -15,6 +15,7 @@ from torch import nn
 from alora.context import get_context
 from alora.models.config import ModelConfig
 from alora.models.layers import Linear, RMSNorm, Rotary, attend
+from alora_kernels import cpu_gemv
 
 
 class Attention(nn.Module):
@@ -105,7 +106,7 @@ class LlamaModel(nn.Module):
             h = block(h)
         if logit_rows is not None:
             h = h[logit_rows]
-        logits = F.linear(self.norm(h), self.lm_head_weight).float()
+        logits = cpu_gemv.linear(self.norm(h), self.lm_head_weight).float()
         if self.config.logits_scaling != 1.0:
             logits = logits / self.config.logits_scaling
         return logits

@@ -94,12 +94,11 @@ def _store_projections_transposed(model: LlamaModel) -> None:
 
     On CPU, one-token decode is a GEMV bound by memory bandwidth, and MKL streams a row-major [in, out]
     matrix about 1.7x faster than the transposed access the usual layout needs (measured on this project's
-    2-core machine: 15.4 vs 8.8 GB/s); prefill GEMMs run at the same speed either way. The tied or untied
-    vocabulary projection is always one of them: it is a fifth of the weights read per token. The decoder's
-    projections are only where our GEMV kernel (``cpu_gemv``) does not serve their dtype: it streams row-major
-    [out, in] weights, and int8 ones, as they are.
+    2-core machine: 15.4 vs 8.8 GB/s); prefill GEMMs run at the same speed either way. That is only where our
+    GEMV kernel (``cpu_gemv``) does not serve a weight's dtype: it streams row-major [out, in] weights, and int8
+    ones, as they are. The vocabulary projection (tied or not) is a fifth of the weights read per token.
     """
-    served = [m.weight for m in model.projections().values()
-              if m.weight is not None and not cpu_gemv.available(m.weight.dtype)]
-    for p in served + [model.lm_head_weight]:
-        p.data = p.data.t().contiguous().t()
+    weights = [m.weight for m in model.projections().values() if m.weight is not None] + [model.lm_head_weight]
+    for p in weights:
+        if not cpu_gemv.available(p.dtype):
+            p.data = p.data.t().contiguous().t()
