@@ -46,9 +46,13 @@ def _inputs(M: int, N: int, K: int, bias: bool, seed: int = 0):
 
 
 def _dequantize_projections(engine: alora.Engine) -> None:
-    """Give a float32 engine's projections the dequantized int8 weights an int8 engine computes with."""
-    for module in engine.model.projections().values():
+    """Give a float32 engine's projections and LM head the dequantized int8 weights an int8 engine computes
+    with (the head untied from the embedding table, which stays float32 in both)."""
+    model = engine.model
+    for module in model.projections().values():
         module.weight.data = cpu_gemv.dequantize_int8(*cpu_gemv.quantize_int8(module.weight))
+    model.lm_head_weight = torch.nn.Parameter(cpu_gemv.dequantize_int8(*cpu_gemv.quantize_int8(model.lm_head_weight)),
+                                              requires_grad=False)
 
 
 # ---- quantizer and kernel ----------------------------------------------------------------------------------
@@ -170,7 +174,8 @@ def test_projections_hold_int8_and_the_rest_keeps_the_dtype(int8_engine):
     for name, module in model.projections().items():
         assert module.weight is None and module.qweight.dtype == torch.int8, name
         assert module.scales.dtype == torch.float32 and module.scales.shape == (module.out_features,)
-    assert model.embed_tokens.weight.dtype == model.lm_head_weight.dtype == torch.float32
+    assert model.lm_head_qweight.dtype == torch.int8 and model.lm_head_scales.shape == (model.config.vocab_size,)
+    assert model.embed_tokens.weight.dtype == model.lm_head_weight.dtype == torch.float32  # the tied table
     assert int8_engine.dtype == torch.float32
 
 
@@ -214,6 +219,8 @@ def test_adapters_on_int8_match_peft(kind, fresh, default_dir, tmp_path):
         for name, module in peft_model.named_modules():
             if isinstance(module, torch.nn.Linear) and ".layers." in name and "lora_" not in name:
                 module.weight.copy_(cpu_gemv.dequantize_int8(*cpu_gemv.quantize_int8(module.weight)))
+        head = peft_model.get_output_embeddings()  # untied from the embedding table, as in _dequantize_projections
+        head.weight = torch.nn.Parameter(cpu_gemv.dequantize_int8(*cpu_gemv.quantize_int8(head.weight)))
     assert (ours - peft_logits(peft_model, ids)).abs().max().item() <= ROUND_TOL
     if kind == "alora":
         assert torch.equal(ours[:len(history)], base[:len(history)])

@@ -79,10 +79,10 @@ class Engine:
         float32 on CPU. ``kv_cache_gb`` bounds all KV memory (default: ``default_kv_cache_gb``); ``max_queue``
         bounds the calls waiting for the scheduler (default: unbounded; ``QueueFullError`` past it).
 
-        ``quantize="int8"``: weight-only int8 on CPU. Every decoder projection (q|k|v, o, gate|up, down) is
-        quantized once at load (symmetric, one float32 scale per output row) and its float copy freed; the
-        embeddings, the LM head, norms, biases, activations, the KV cache and adapters keep ``dtype``. Decode
-        reads about a quarter of the projections' float32 bytes. Another value, or a non-CPU device, raises
+        ``quantize="int8"``: weight-only int8 on CPU. Every decoder projection (q|k|v, o, gate|up, down) and the
+        LM head are quantized once at load (symmetric, one float32 scale per output row) and their float copies
+        freed (a tied LM head's embedding table stays); the embeddings, norms, biases, activations, the KV
+        cache and adapters keep ``dtype``. Decode reads about a quarter of the float32 weights' bytes. Another value, or a non-CPU device, raises
         ``QuantizationError`` (an ``AloraError`` and ``ValueError``).
         """
         from transformers import AutoTokenizer, GenerationConfig

@@ -95,6 +95,16 @@ class LlamaModel(nn.Module):
             self.embed_tokens.weight if cfg.tie_word_embeddings
             else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
         )
+        self.register_buffer("lm_head_qweight", None)
+        self.register_buffer("lm_head_scales", None)
+
+    def quantize_lm_head_int8(self) -> None:
+        """Compute the vocabulary projection from int8 weights with per-row scales (``cpu_gemv.quantize_int8``;
+        CPU only). A tied head keeps the embedding table it shares in the model's dtype; an untied one drops
+        its float weight."""
+        self.lm_head_qweight, self.lm_head_scales = cpu_gemv.quantize_int8(self.lm_head_weight)
+        if not self.config.tie_word_embeddings:
+            self.lm_head_weight = None
 
     def forward(self, token_ids: torch.Tensor, logit_rows: torch.Tensor | None = None) -> torch.Tensor:
         """token_ids [T] -> logits [len(logit_rows) or T, vocab] in float32."""
@@ -106,7 +116,11 @@ class LlamaModel(nn.Module):
             h = block(h)
         if logit_rows is not None:
             h = h[logit_rows]
-        logits = cpu_gemv.linear(self.norm(h), self.lm_head_weight).float()
+        h = self.norm(h)
+        if self.lm_head_qweight is not None:
+            logits = cpu_gemv.linear_int8(h, self.lm_head_qweight, self.lm_head_scales).float()
+        else:
+            logits = cpu_gemv.linear(h, self.lm_head_weight).float()
         if self.config.logits_scaling != 1.0:
             logits = logits / self.config.logits_scaling
         return logits

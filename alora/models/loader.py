@@ -51,9 +51,9 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
                quantize: str | None = None) -> LlamaModel:
     """Build our model from an HF folder; errors name the file or tensor that is wrong.
 
-    ``quantize="int8"`` (CPU only) stores every decoder projection (q|k|v, o, gate|up, down) as int8 with one
-    float32 scale per output row, quantized once here from ``dtype`` weights; embeddings, the LM head, norms and
-    biases stay in ``dtype``. An unknown mode or a non-CPU device raises ``QuantizationError``.
+    ``quantize="int8"`` (CPU only) stores every decoder projection (q|k|v, o, gate|up, down) and the LM head as
+    int8 with one float32 scale per output row, quantized once here from ``dtype`` weights; embeddings (a tied
+    LM head's table included), norms and biases stay in ``dtype``. An unknown mode or a non-CPU device raises ``QuantizationError``.
     """
     check_quantize(quantize, device)
     folder = Path(folder)
@@ -73,6 +73,7 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
     if quantize == "int8":
         for module in model.projections().values():
             module.quantize_int8()
+        model.quantize_lm_head_int8()
     if torch.device(device).type == "cpu":
         _store_projections_transposed(model)
     return model
@@ -98,7 +99,7 @@ def _store_projections_transposed(model: LlamaModel) -> None:
     GEMV kernel (``cpu_gemv``) does not serve a weight's dtype: it streams row-major [out, in] weights, and int8
     ones, as they are. The vocabulary projection (tied or not) is a fifth of the weights read per token.
     """
-    weights = [m.weight for m in model.projections().values() if m.weight is not None] + [model.lm_head_weight]
+    weights = [m.weight for m in model.projections().values()] + [model.lm_head_weight]
     for p in weights:
-        if not cpu_gemv.available(p.dtype):
+        if p is not None and not cpu_gemv.available(p.dtype):
             p.data = p.data.t().contiguous().t()
