@@ -60,7 +60,8 @@ def _dtypes() -> frozenset[torch.dtype]:
         folder = build_dir()
         folder.mkdir(parents=True, exist_ok=True)
         load(name="alora_cpu", sources=[str(_SOURCE)], build_directory=str(folder), is_python_module=False,
-             extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp"],
+             extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp",
+                           "-ffp-contract=off"],  # products and sums rounded where written, as torch rounds them
              extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, missing headers, a failed build: torch's path still works
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]

@@ -694,6 +694,115 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return out;
 }
 
+// ---- elementwise ---------------------------------------------------------------------------------------------
+
+inline void store_f32(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store_f32(c10::BFloat16* p, __m512 v, __mmask16 m) {  // round to nearest even, as torch does
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(rounded));
+}
+inline __m512 round_trip(__m512 v, float*) { return v; }
+inline __m512 round_trip(__m512 v, c10::BFloat16*) {  // v rounded to bfloat16 and widened again
+  alignas(64) c10::BFloat16 tmp[16];
+  store_f32(tmp, v, 0xFFFF);
+  return load_f32(tmp, 0xFFFF);
+}
+
+inline __mmask16 lanes(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+
+// RMSNorm as transformers computes it: h = x·rsqrt(mean(x²) + eps) in float32, rounded to x's dtype, times the
+// weight (a product in x's dtype). x [rows, D] with unit stride in D, weight [D] of x's dtype.
+template <typename T>
+void run_rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, at::Tensor& y) {
+  const int64_t R = x.size(0), D = x.size(1), ld = x.stride(0);
+  const T* xp = x.const_data_ptr<T>();
+  const T* wp = w.const_data_ptr<T>();
+  T* yp = y.mutable_data_ptr<T>();
+  parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      const T* row = xp + r * ld;
+      __m512 sq = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 16) {
+        const __m512 v = load_f32(row + d, lanes(D - d));
+        sq = _mm512_fmadd_ps(v, v, sq);
+      }
+      const float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(sq) / static_cast<float>(D) + static_cast<float>(eps));
+      for (int64_t d = 0; d < D; d += 16) {
+        const __mmask16 m = lanes(D - d);
+        const __m512 h = round_trip(_mm512_mul_ps(load_f32(row + d, m), _mm512_set1_ps(inv)), static_cast<T*>(nullptr));
+        store_f32(yp + r * D + d, _mm512_mul_ps(load_f32(wp + d, m), h), m);
+      }
+    }
+  });
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && x.dim() == 2 && w.dim() == 1 && w.size(0) == x.size(1) &&
+                  w.scalar_type() == dtype && (dtype == at::kFloat || dtype == at::kBFloat16) && x.stride(1) == 1,
+              "rms_norm: expected x [rows, D] (unit stride in D) and weight [D] of one dtype, float32 or bfloat16, "
+              "on CPU; got x ", x.sizes(), " ", x.scalar_type(), ", weight ", w.sizes(), " ", w.scalar_type());
+  const at::Tensor wc = w.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  if (dtype == at::kFloat)
+    run_rms_norm<float>(x, wc, eps, y);
+  else
+    run_rms_norm<c10::BFloat16>(x, wc, eps, y);
+  return y;
+}
+
+// Rotary embedding of x [T, heads, D] (rows of D contiguous) by cos/sin [T, 1, D]: x·cos + rotate_half(x)·sin with
+// rotate_half(x) = (-x[D/2:], x[:D/2]), rounded to x's dtype after each product and the sum, as torch's three ops
+// round (bfloat16 results equal transformers').
+template <typename T>
+void run_rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& y) {
+  const int64_t Tn = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
+  const T* xp = x.const_data_ptr<T>();
+  const T* cp = cos.const_data_ptr<T>();
+  const T* sp = sin.const_data_ptr<T>();
+  T* yp = y.mutable_data_ptr<T>();
+  T* const tag = nullptr;  // selects round_trip's overload
+  parallel_for(0, Tn * H, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; i++) {
+      const int64_t t = i / H, h = i % H;
+      const T* row = xp + t * x.stride(0) + h * x.stride(1);
+      const T* c = cp + t * cos.stride(0);
+      const T* s = sp + t * sin.stride(0);
+      T* out = yp + i * D;
+      for (int64_t d = 0; d < half; d += 16) {
+        const __mmask16 m = lanes(half - d);
+        const __m512 a = load_f32(row + d, m), b = load_f32(row + half + d, m);
+        const __m512 ac = round_trip(_mm512_mul_ps(a, load_f32(c + d, m)), tag);
+        const __m512 bs = round_trip(_mm512_mul_ps(b, load_f32(s + d, m)), tag);
+        const __m512 bc = round_trip(_mm512_mul_ps(b, load_f32(c + half + d, m)), tag);
+        const __m512 as = round_trip(_mm512_mul_ps(a, load_f32(s + half + d, m)), tag);
+        store_f32(out + d, _mm512_sub_ps(ac, bs), m);
+        store_f32(out + half + d, _mm512_add_ps(bc, as), m);
+      }
+    }
+  });
+}
+
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.stride(2) == 1 && x.size(2) % 2 == 0 && cos.dim() == 3 &&
+                  sin.sizes() == cos.sizes() && cos.size(0) == x.size(0) && cos.size(2) == x.size(2) &&
+                  cos.stride(2) == 1 && sin.stride(2) == 1 && cos.scalar_type() == dtype &&
+                  sin.scalar_type() == dtype && (dtype == at::kFloat || dtype == at::kBFloat16),
+              "rotary: expected x [T, heads, D even] and cos/sin [T, 1, D] of one dtype, float32 or bfloat16, on CPU; "
+              "got x ", x.sizes(), ", cos ", cos.sizes());
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  if (dtype == at::kFloat)
+    run_rotary<float>(x, cos, sin, y);
+  else
+    run_rotary<c10::BFloat16>(x, cos, sin, y);
+  return y;
+}
+
 }  // namespace
 
 // linear: a drop-in for F.linear: the GEMV for CPU inputs it serves (at most kMaxRows rows of x, a contiguous
@@ -704,13 +813,15 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 // linear_int8: y = x · (scales ⊙ q)ᵀ (+ bias) for int8 weights q [N, K] with float32 scales [N], computed in
 // float32 for x of any floating dtype (y in x's dtype); inference only (no autograd formula).
 //
-// decode_attention, attention: see above. use_worker_pool(threads): the calling thread's kernels run on the
+// decode_attention, attention, rms_norm, rotary: see above. use_worker_pool(threads): the calling thread's kernels run on the
 // worker pool with `threads` threads, its torch ops single-threaded.
 TORCH_LIBRARY(alora_cpu, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor qweight, Tensor scales, Tensor? bias=None) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, bool is_causal, float scale) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("use_worker_pool(int threads) -> ()", &use_worker_pool);
 }
 
@@ -719,4 +830,6 @@ TORCH_LIBRARY_IMPL(alora_cpu, CompositeImplicitAutograd, m) {
   m.impl("linear_int8", &linear_int8);
   m.impl("decode_attention", &decode_attention);
   m.impl("attention", &attention);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("rotary", &rotary);
 }

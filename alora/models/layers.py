@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alora.context import SeqSpan, get_context
-from alora_kernels import add_lora, cpu_attention, cpu_gemv, mixed_lora_linear
+from alora_kernels import add_lora, cpu_attention, cpu_gemv, cpu_layers, mixed_lora_linear
 
 try:  # optional: used on CUDA when installed
     from flash_attn import flash_attn_func
@@ -77,10 +77,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # written out as transformers does: F.rms_norm's CPU kernel costs ~70 us per decode row
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # transformers' formula (F.rms_norm's CPU kernel costs ~70 us per decode row): one op on CPU
+        return cpu_layers.rms_norm(x, self.weight, self.eps)
 
 
 class Rotary(nn.Module):
@@ -108,12 +106,7 @@ class Rotary(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate x [T, heads, head_dim] by the positions given to ``prepare``."""
-        return x * self._cos + _rotate_half(x) * self._sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return cpu_layers.rotary(x, self._cos, self._sin)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: SeqSpan, layer: int,
