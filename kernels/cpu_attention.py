@@ -4,7 +4,8 @@
 threads and each chunk's partial softmax merged at the end (flash-decoding), float32 math for float32 or
 bfloat16 inputs, read straight from the cache's strided views. torch's path for one query row (three small
 batched matmuls and a softmax) costs more in dispatch and thread wake-ups than in arithmetic at decode sizes.
-``attention`` is torch's ``scaled_dot_product_attention``, split over heads on the worker pool in a thread that
+``decode_step`` goes from a decoding token's q|k|v row to its attention output in one op (rotary embedding, the
+cache write, decode attention). ``attention`` is torch's ``scaled_dot_product_attention``, split over heads on the worker pool in a thread that
 called ``cpu_gemv.use_worker_pool``. Without the extension both are the torch computations they replace.
 """
 
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from alora_kernels import cpu_gemv
 
-__all__ = ["attention", "decode_attention"]
+__all__ = ["attention", "decode_attention", "decode_step", "serves_decode_step"]
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
@@ -43,3 +44,22 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: t
     if cpu_gemv._dtypes():
         return torch.ops.alora_cpu.attention(q, keys, values, mask, is_causal, scale)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=is_causal, scale=scale)
+
+
+def serves_decode_step(dtype: torch.dtype) -> bool:
+    """Whether ``decode_step`` runs for activations and caches of ``dtype`` here (float32, or bfloat16 where the
+    CPU has AVX512_BF16, with the extension built)."""
+    return dtype in (torch.float32, torch.bfloat16) and dtype in cpu_gemv._dtypes()
+
+
+def decode_step(qkv: torch.Tensor, row: int, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, pos: int, start: int, heads: int, scale: float) -> torch.Tensor:
+    """One decoding token of one sequence through attention, in one op (where ``serves_decode_step``).
+
+    ``qkv[row]`` is the token's fused q|k|v projection (qkv [T, (heads + 2·Hkv)·D]); cos/sin [T, 1, D] the rotary
+    tables of the forward's rows; k_cache/v_cache [Hkv, capacity, D] one layer's KV cache. q and k are rotated,
+    k and v stored at position ``pos`` (in place), and the rotated q attends over positions ``start..pos``
+    (``start > 0``: a sliding window). Returns [heads, D]; the arithmetic and roundings of the torch ops it
+    replaces (``rotary``, the cache write, ``decode_attention``).
+    """
+    return torch.ops.alora_cpu.decode_step_attention(qkv, row, cos, sin, k_cache, v_cache, pos, start, heads, scale)

@@ -755,34 +755,37 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return y;
 }
 
-// Rotary embedding of x [T, heads, D] (rows of D contiguous) by cos/sin [T, 1, D]: x·cos + rotate_half(x)·sin with
-// rotate_half(x) = (-x[D/2:], x[:D/2]), rounded to x's dtype after each product and the sum, as torch's three ops
-// round (bfloat16 results equal transformers').
+// Rotary embedding of one head's row: x·cos + rotate_half(x)·sin with rotate_half(x) = (-x[D/2:], x[:D/2]), rounded
+// to T after each product and the sum, as torch's three ops round (bfloat16 results equal transformers').
+template <typename T>
+inline void rotate_row(const T* row, const T* c, const T* s, T* out, int64_t D) {
+  const int64_t half = D / 2;
+  T* const tag = nullptr;  // selects round_trip's overload
+  for (int64_t d = 0; d < half; d += 16) {
+    const __mmask16 m = lanes(half - d);
+    const __m512 a = load_f32(row + d, m), b = load_f32(row + half + d, m);
+    const __m512 ac = round_trip(_mm512_mul_ps(a, load_f32(c + d, m)), tag);
+    const __m512 bs = round_trip(_mm512_mul_ps(b, load_f32(s + d, m)), tag);
+    const __m512 bc = round_trip(_mm512_mul_ps(b, load_f32(c + half + d, m)), tag);
+    const __m512 as = round_trip(_mm512_mul_ps(a, load_f32(s + half + d, m)), tag);
+    store_f32(out + d, _mm512_sub_ps(ac, bs), m);
+    store_f32(out + half + d, _mm512_add_ps(bc, as), m);
+  }
+}
+
+// x [T, heads, D] (rows of D contiguous) by cos/sin [T, 1, D].
 template <typename T>
 void run_rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& y) {
-  const int64_t Tn = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
+  const int64_t Tn = x.size(0), H = x.size(1), D = x.size(2);
   const T* xp = x.const_data_ptr<T>();
   const T* cp = cos.const_data_ptr<T>();
   const T* sp = sin.const_data_ptr<T>();
   T* yp = y.mutable_data_ptr<T>();
-  T* const tag = nullptr;  // selects round_trip's overload
   parallel_for(0, Tn * H, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; i++) {
       const int64_t t = i / H, h = i % H;
-      const T* row = xp + t * x.stride(0) + h * x.stride(1);
-      const T* c = cp + t * cos.stride(0);
-      const T* s = sp + t * sin.stride(0);
-      T* out = yp + i * D;
-      for (int64_t d = 0; d < half; d += 16) {
-        const __mmask16 m = lanes(half - d);
-        const __m512 a = load_f32(row + d, m), b = load_f32(row + half + d, m);
-        const __m512 ac = round_trip(_mm512_mul_ps(a, load_f32(c + d, m)), tag);
-        const __m512 bs = round_trip(_mm512_mul_ps(b, load_f32(s + d, m)), tag);
-        const __m512 bc = round_trip(_mm512_mul_ps(b, load_f32(c + half + d, m)), tag);
-        const __m512 as = round_trip(_mm512_mul_ps(a, load_f32(s + half + d, m)), tag);
-        store_f32(out + d, _mm512_sub_ps(ac, bs), m);
-        store_f32(out + half + d, _mm512_add_ps(bc, as), m);
-      }
+      rotate_row<T>(xp + t * x.stride(0) + h * x.stride(1), cp + t * cos.stride(0), sp + t * sin.stride(0),
+                    yp + i * D, D);
     }
   });
 }
@@ -803,6 +806,60 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   return y;
 }
 
+// One decoding token of one sequence through attention, from its fused q|k|v row to the attention output:
+// rotary embedding of q and k, k and v stored at position `pos` of the layer's KV cache, decode attention over
+// positions [start, pos]. qkv [T, (H + 2·Hkv)·D] (the row `row` is this token's), cos/sin [T, 1, D], k_cache and
+// v_cache [Hkv, capacity > pos, D]. Replaces some fifteen torch ops per layer and token (the decode step's
+// dispatch cost); the same arithmetic and roundings as those ops.
+template <typename T>
+at::Tensor run_decode_step(const at::Tensor& qkv, int64_t row, const at::Tensor& cos, const at::Tensor& sin,
+                           at::Tensor& k_cache, at::Tensor& v_cache, int64_t pos, int64_t start, int64_t H,
+                           double scale) {
+  const int64_t Hkv = k_cache.size(0), D = k_cache.size(2);
+  const T* x = qkv.const_data_ptr<T>() + row * qkv.stride(0);
+  const T* c = cos.const_data_ptr<T>() + row * cos.stride(0);
+  const T* s = sin.const_data_ptr<T>() + row * sin.stride(0);
+  at::Tensor q = at::empty({H, D}, qkv.options());
+  T* qp = q.mutable_data_ptr<T>();
+  for (int64_t h = 0; h < H; h++) rotate_row<T>(x + h * D, c, s, qp + h * D, D);
+  T* kp = k_cache.mutable_data_ptr<T>();
+  T* vp = v_cache.mutable_data_ptr<T>();
+  for (int64_t h = 0; h < Hkv; h++) {
+    rotate_row<T>(x + (H + h) * D, c, s, kp + h * k_cache.stride(0) + pos * k_cache.stride(1), D);
+    std::copy_n(x + (H + Hkv + h) * D, D, vp + h * v_cache.stride(0) + pos * v_cache.stride(1));
+  }
+  at::Tensor out = at::empty({H, D}, qkv.options());
+  run_decode_attention<T>(q, k_cache.narrow(1, start, pos + 1 - start), v_cache.narrow(1, start, pos + 1 - start),
+                          scale, out);
+  return out;
+}
+
+at::Tensor decode_step_attention(const at::Tensor& qkv, int64_t row, const at::Tensor& cos, const at::Tensor& sin,
+                                 at::Tensor k_cache, at::Tensor v_cache, int64_t pos, int64_t start, int64_t heads,
+                                 double scale) {
+  const auto dtype = qkv.scalar_type();
+  TORCH_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes() && k_cache.stride(2) == 1 &&
+                  v_cache.stride(2) == 1 && heads > 0 && k_cache.size(0) > 0 && heads % k_cache.size(0) == 0 &&
+                  heads / k_cache.size(0) <= 8 && k_cache.size(2) % 2 == 0,
+              "decode_step_attention: caches must be [Hkv, capacity, D even] (unit stride in D) with heads a multiple "
+              "of Hkv (at most 8 per KV head), got ", k_cache.sizes(), " for ", heads, " heads");
+  const int64_t D = k_cache.size(2), width = (heads + 2 * k_cache.size(0)) * D;
+  TORCH_CHECK(qkv.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() && qkv.dim() == 2 &&
+                  qkv.size(1) == width && qkv.stride(1) == 1 && 0 <= row && row < qkv.size(0),
+              "decode_step_attention: qkv must be a CPU [T, ", width, "] tensor with row < T, got ", qkv.sizes());
+  TORCH_CHECK(cos.dim() == 3 && sin.sizes() == cos.sizes() && cos.size(0) == qkv.size(0) && cos.size(2) == D &&
+                  cos.stride(2) == 1 && sin.stride(2) == 1,
+              "decode_step_attention: cos/sin must be [T, 1, D=", D, "], got ", cos.sizes());
+  TORCH_CHECK(0 <= start && start <= pos && pos < k_cache.size(1),
+              "decode_step_attention: need 0 <= start <= pos < capacity, got start ", start, ", pos ", pos,
+              ", capacity ", k_cache.size(1));
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && cos.scalar_type() == dtype &&
+                  sin.scalar_type() == dtype && k_cache.scalar_type() == dtype && v_cache.scalar_type() == dtype,
+              "decode_step_attention: qkv, cos, sin and the caches must all be float32 or all bfloat16");
+  if (dtype == at::kFloat) return run_decode_step<float>(qkv, row, cos, sin, k_cache, v_cache, pos, start, heads, scale);
+  return run_decode_step<c10::BFloat16>(qkv, row, cos, sin, k_cache, v_cache, pos, start, heads, scale);
+}
+
 }  // namespace
 
 // linear: a drop-in for F.linear: the GEMV for CPU inputs it serves (at most kMaxRows rows of x, a contiguous
@@ -813,13 +870,15 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
 // linear_int8: y = x · (scales ⊙ q)ᵀ (+ bias) for int8 weights q [N, K] with float32 scales [N], computed in
 // float32 for x of any floating dtype (y in x's dtype); inference only (no autograd formula).
 //
-// decode_attention, attention, rms_norm, rotary: see above. use_worker_pool(threads): the calling thread's kernels run on the
+// decode_attention, attention, decode_step_attention, rms_norm, rotary: see above. use_worker_pool(threads): the calling thread's kernels run on the
 // worker pool with `threads` threads, its torch ops single-threaded.
 TORCH_LIBRARY(alora_cpu, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor qweight, Tensor scales, Tensor? bias=None) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, bool is_causal, float scale) -> Tensor");
+  m.def("decode_step_attention(Tensor qkv, int row, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "int pos, int start, int heads, float scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("use_worker_pool(int threads) -> ()", &use_worker_pool);
@@ -830,6 +889,7 @@ TORCH_LIBRARY_IMPL(alora_cpu, CompositeImplicitAutograd, m) {
   m.impl("linear_int8", &linear_int8);
   m.impl("decode_attention", &decode_attention);
   m.impl("attention", &attention);
+  m.impl("decode_step_attention", &decode_step_attention);
   m.impl("rms_norm", &rms_norm);
   m.impl("rotary", &rotary);
 }

@@ -141,3 +141,32 @@ def test_other_threads_run_beside_a_pool_thread():
     assert not errors
     for i, y in enumerate(results):
         torch.testing.assert_close(y, expected[:y.shape[0]], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if cpu_gemv.available(torch.bfloat16) else []))
+@pytest.mark.parametrize("H,Hkv,D,pos,start", [(9, 3, 64, 0, 0), (9, 3, 64, 130, 0), (8, 2, 128, 40, 25),
+                                               (4, 4, 32, 7, 7)])
+def test_decode_step_is_rotary_cache_write_and_decode_attention(dtype, H, Hkv, D, pos, start):
+    """The one-op decode step against the ops it replaces, on a row in the middle of a 3-row batch."""
+    from alora_kernels import cpu_layers
+
+    g = torch.Generator().manual_seed(pos + H)
+    qkv = torch.randn(3, (H + 2 * Hkv) * D, generator=g).to(dtype)
+    cos, sin = (torch.randn(3, 1, D, generator=g).to(dtype) for _ in range(2))
+    cache_k, cache_v = (torch.randn(Hkv, pos + 5, D, generator=g).to(dtype) for _ in range(2))
+    k2, v2 = cache_k.clone(), cache_v.clone()
+    out = cpu_attention.decode_step(qkv, 1, cos, sin, cache_k, cache_v, pos, start, H, D**-0.5)
+
+    heads = qkv[1].view(H + 2 * Hkv, D)
+    rotated = cpu_layers.rotary(heads[None, :H + Hkv], cos[1:2], sin[1:2])[0]
+    k2[:, pos], v2[:, pos] = rotated[H:], heads[H + Hkv:]
+    ref = cpu_attention.decode_attention(rotated[:H].contiguous(), k2[:, start:pos + 1], v2[:, start:pos + 1], D**-0.5)
+    assert torch.equal(cache_k, k2) and torch.equal(cache_v, v2)  # written in place, nothing else touched
+    assert torch.equal(out, ref)
+
+
+def test_decode_step_refuses_a_position_past_the_cache():
+    qkv, cos = torch.randn(1, 5 * 8), torch.randn(1, 1, 8)
+    cache = torch.zeros(1, 4, 8)
+    with pytest.raises(RuntimeError, match="pos < capacity"):
+        cpu_attention.decode_step(qkv, 0, cos, cos, cache, cache.clone(), 4, 0, 3, 0.5)

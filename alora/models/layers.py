@@ -104,6 +104,10 @@ class Rotary(nn.Module):
         self._cos = self.cos[positions].unsqueeze(1).to(dtype)
         self._sin = self.sin[positions].unsqueeze(1).to(dtype)
 
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, 1, head_dim] of the positions given to ``prepare``."""
+        return self._cos, self._sin
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate x [T, heads, head_dim] by the positions given to ``prepare``."""
         return cpu_layers.rotary(x, self._cos, self._sin)

@@ -15,7 +15,7 @@ from torch import nn
 from alora.context import get_context
 from alora.models.config import ModelConfig
 from alora.models.layers import Linear, RMSNorm, Rotary, attend
-from alora_kernels import cpu_gemv
+from alora_kernels import cpu_attention, cpu_gemv
 
 
 class Attention(nn.Module):
@@ -35,7 +35,14 @@ class Attention(nn.Module):
         ctx = get_context()
         T = x.shape[0]
         H, Hkv = self.heads, self.kv_heads
-        qkv = self.qkv_proj(x).view(T, H + 2 * Hkv, self.head_dim)
+        qkv = self.qkv_proj(x)
+        if T == len(ctx.spans) and self._one_op_decode(qkv):  # one new token per sequence, on CPU
+            cos, sin = self.rotary.tables()
+            out = [cpu_attention.decode_step(qkv, s.start, cos, sin, s.cache.k[self.layer], s.cache.v[self.layer],
+                                             s.past, max(0, s.past + 1 - self.window) if self.window else 0, H,
+                                             self.scale) for s in ctx.spans]
+            return self.o_proj((out[0] if T == 1 else torch.cat(out)).view(T, H * self.head_dim))
+        qkv = qkv.view(T, H + 2 * Hkv, self.head_dim)
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qkv[:, :H]), self.k_norm(qkv[:, H:H + Hkv])], dim=1)
         else:
@@ -51,6 +58,13 @@ class Attention(nn.Module):
                 for s in ctx.spans
             ])
         return self.o_proj(out.reshape(T, self.heads * self.head_dim))
+
+
+    def _one_op_decode(self, qkv: torch.Tensor) -> bool:
+        """Whether decoding tokens take ``cpu_attention.decode_step`` (rotary embedding, cache write and
+        attention in one op): on CPU, for rotary models without q/k norms, in the dtypes it serves."""
+        return (not qkv.is_cuda and self.rotary is not None and self.q_norm is None
+                and cpu_attention.serves_decode_step(qkv.dtype))
 
 
 class MLP(nn.Module):
