@@ -860,6 +860,22 @@ at::Tensor decode_step_attention(const at::Tensor& qkv, int64_t row, const at::T
   return run_decode_step<c10::BFloat16>(qkv, row, cos, sin, k_cache, v_cache, pos, start, heads, scale);
 }
 
+// y[start:stop] += alpha · (x[start:stop] · A[slot]ᵀ) · B[slot]ᵀ in place, for a run of rows that share one adapter
+// (stacks A [S, r, K], B [S, N, r]): the two small products through the GEMV (up to kMaxRows rows; more go to a
+// GEMM), then one add. Three C++ calls instead of seven torch ops from Python per adapted projection and step.
+void add_lora_rows_(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, int64_t slot,
+                    int64_t start, int64_t stop, double alpha) {
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && A.dim() == 3 && B.dim() == 3 && 0 <= slot && slot < A.size(0) &&
+                  B.size(0) == A.size(0) && A.size(2) == x.size(1) && B.size(1) == y.size(1) &&
+                  B.size(2) == A.size(1) && y.size(0) == x.size(0) && 0 <= start && start < stop && stop <= x.size(0),
+              "add_lora_rows_: expected x [T, K], y [T, N], A [S, r, K], B [S, N, r], slot < S and "
+              "0 <= start < stop <= T, got x ", x.sizes(), ", y ", y.sizes(), ", A ", A.sizes(), ", B ", B.sizes(),
+              ", slot ", slot, ", rows ", start, ":", stop);
+  const at::Tensor xs = x.narrow(0, start, stop - start);
+  at::Tensor ys = y.narrow(0, start, stop - start);
+  ys.add_(linear(linear(xs, A.select(0, slot), std::nullopt), B.select(0, slot), std::nullopt), alpha);
+}
+
 }  // namespace
 
 // linear: a drop-in for F.linear: the GEMV for CPU inputs it serves (at most kMaxRows rows of x, a contiguous
@@ -870,13 +886,14 @@ at::Tensor decode_step_attention(const at::Tensor& qkv, int64_t row, const at::T
 // linear_int8: y = x · (scales ⊙ q)ᵀ (+ bias) for int8 weights q [N, K] with float32 scales [N], computed in
 // float32 for x of any floating dtype (y in x's dtype); inference only (no autograd formula).
 //
-// decode_attention, attention, decode_step_attention, rms_norm, rotary: see above. use_worker_pool(threads): the calling thread's kernels run on the
+// add_lora_rows_, decode_attention, attention, decode_step_attention, rms_norm, rotary: see above. use_worker_pool(threads): the calling thread's kernels run on the
 // worker pool with `threads` threads, its torch ops single-threaded.
 TORCH_LIBRARY(alora_cpu, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor qweight, Tensor scales, Tensor? bias=None) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, bool is_causal, float scale) -> Tensor");
+  m.def("add_lora_rows_(Tensor(a!) y, Tensor x, Tensor A, Tensor B, int slot, int start, int stop, float alpha) -> ()");
   m.def("decode_step_attention(Tensor qkv, int row, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "int pos, int start, int heads, float scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -889,6 +906,7 @@ TORCH_LIBRARY_IMPL(alora_cpu, CompositeImplicitAutograd, m) {
   m.impl("linear_int8", &linear_int8);
   m.impl("decode_attention", &decode_attention);
   m.impl("attention", &attention);
+  m.impl("add_lora_rows_", &add_lora_rows_);
   m.impl("decode_step_attention", &decode_step_attention);
   m.impl("rms_norm", &rms_norm);
   m.impl("rotary", &rotary);

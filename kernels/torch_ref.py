@@ -4,12 +4,13 @@ One base GEMM for all rows, then, per adapter slot present, two small GEMMs on t
 which also adds the adapters to a base computed elsewhere, e.g. from int8 weights):
 
 - rows of a slot that form one contiguous run (decode of one sequence, an aLoRA's tail after its invocation,
-  a batch where every row shares one adapter) are updated in place through row slices: no gather, no scatter;
+  a batch where every row shares one adapter) are updated in place through row slices: no gather, no scatter
+  (float32 on CPU: one op of the CPU extension, its two products through the GEMV);
 - rows of a slot scattered across the batch are gathered, updated and scattered back with ``index_add_``.
 
 Numerics: everything runs in x's dtype, as PEFT does: the low-rank intermediate ``x·Aᵀ`` is rounded to it, the
 GEMMs accumulate as torch's do (float32 on CPU for half dtypes), and the expand adds ``scale·h·Bᵀ`` into the
-base output inside one ``addmm_`` (scale as its ``alpha``). The Triton kernel rounds the intermediate the same
+base output inside one ``addmm_`` (scale as its ``alpha``; float32 on CPU: ``h·Bᵀ`` by the GEMV, then one add). The Triton kernel rounds the intermediate the same
 way but keeps base and update in one float32 accumulator, so the two agree to the dtype's rounding.
 """
 
@@ -62,8 +63,11 @@ def add_lora_torch(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.T
     if not runs:
         return y
     scales = scale.tolist() if scale is not None else [1.0] * A.shape[0]
+    one_op = _one_op_runs(y, x, A, B)
     for s, spans in runs.items():
-        if len(spans) == 1:
+        if len(spans) == 1 and one_op:
+            torch.ops.alora_cpu.add_lora_rows_(y, x, A, B, s, spans[0][0], spans[0][1], scales[s])
+        elif len(spans) == 1:
             start, stop = spans[0]
             xs, ys = (x, y) if stop - start == len(x) else (x[start:stop], y[start:stop])
             ys.addmm_(F.linear(xs, A[s]), B[s].t(), alpha=scales[s])
@@ -71,3 +75,11 @@ def add_lora_torch(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.T
             rows = torch.tensor([i for a, b in spans for i in range(a, b)], device=x.device)
             y.index_add_(0, rows, F.linear(F.linear(x[rows], A[s]), B[s]), alpha=scales[s])
     return y
+
+
+def _one_op_runs(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
+    """Whether a contiguous run's update is one op of the CPU extension (``add_lora_rows_``): float32 on CPU
+    (other dtypes keep ``addmm_``'s single rounding of base plus update, as PEFT rounds it), no gradients."""
+    return (x.dtype == y.dtype == A.dtype == B.dtype == torch.float32 and not x.is_cuda and A.is_contiguous()
+            and B.is_contiguous() and not (torch.is_grad_enabled() and (x.requires_grad or A.requires_grad))
+            and cpu_gemv.available(torch.float32))
