@@ -873,7 +873,9 @@ void add_lora_rows_(at::Tensor y, const at::Tensor& x, const at::Tensor& A, cons
               ", slot ", slot, ", rows ", start, ":", stop);
   const at::Tensor xs = x.narrow(0, start, stop - start);
   at::Tensor ys = y.narrow(0, start, stop - start);
-  ys.add_(linear(linear(xs, A.select(0, slot), std::nullopt), B.select(0, slot), std::nullopt), alpha);
+  // (linear): ours, not at::linear, which argument-dependent lookup would also find
+  const at::Tensor h = (linear)(xs, A.select(0, slot), std::nullopt);
+  ys.add_((linear)(h, B.select(0, slot), std::nullopt), alpha);
 }
 
 }  // namespace

@@ -79,3 +79,17 @@ def test_the_checkout_root_on_sys_path_does_not_shadow_hugging_faces_kernels():
     ours, theirs = out.stdout.splitlines()[1], out.stdout.splitlines()[0]
     assert Path(ours).resolve() == REPO / "kernels" / "__init__.py"
     assert Path(theirs.split()[1]).resolve() == Path(installed.origin).resolve()
+
+
+def test_the_cpu_kernels_build_where_the_cpu_and_a_compiler_allow():
+    """Every CPU-kernel test skips where the extension is unavailable, and the engine falls back to torch with one
+    warning: a build error on a machine that can build it must fail here, not pass as skips."""
+    import torch
+
+    from alora_kernels import cpu_gemv
+
+    flags = cpu_gemv._cpu_flags()
+    if not {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags or not shutil.which("c++"):
+        pytest.skip("this machine cannot build the CPU kernels (no AVX-512 or no C++ compiler)")
+    assert cpu_gemv.available(torch.float32) and cpu_gemv.available(torch.int8)
+    assert cpu_gemv.available(torch.bfloat16) == ("avx512_bf16" in flags)
