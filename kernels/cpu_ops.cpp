@@ -1,6 +1,7 @@
 // CPU kernels of the engine's forward, on CPUs with AVX-512: the decode GEMV (float32, bfloat16, int8 weights),
-// decode attention over a KV cache, and the pool of worker threads they (and the engine's prefill GEMMs and
-// attention) run on.
+// decode attention over a KV cache (alone, or with rotary and the cache write as one decode step), RMSNorm and
+// rotary for decode rows, an adapter run's low-rank update, and the pool of worker threads they (and the engine's
+// prefill GEMMs and attention) run on.
 //
 // GEMV: y[M, N] = x[M, K] · W[N, K]ᵀ (+ bias) for a few rows of activations (decode).
 //
@@ -549,6 +550,11 @@ inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// The first min(left, 16) lanes.
+inline __mmask16 lanes(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+
 inline __m512 load_f32(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load_f32(const c10::BFloat16* p, __mmask16 m) {  // bfloat16 is float32's upper half
   const __m256i h = _mm256_maskz_loadu_epi16(m, p);
@@ -563,10 +569,7 @@ void attend_chunk(const T* q, const T* k, const T* v, int64_t sk, int64_t sv, in
   const int64_t L = t1 - t0, V = (D + 15) / 16;
   std::vector<float> scores(static_cast<size_t>(G * L));
   std::vector<__m512> qv(static_cast<size_t>(G * V));
-  auto mask_of = [&](int64_t c) {
-    const int64_t left = D - 16 * c;
-    return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
-  };
+  auto mask_of = [&](int64_t c) { return lanes(D - 16 * c); };
   for (int g = 0; g < G; g++)
     for (int64_t c = 0; c < V; c++) qv[g * V + c] = load_f32(q + g * D + 16 * c, mask_of(c));
   // rows are read one after another, but too slowly for the hardware prefetchers to run ahead (measured: a
@@ -593,7 +596,7 @@ void attend_chunk(const T* q, const T* k, const T* v, int64_t sk, int64_t sv, in
     for (int64_t t = 0; t < L; t++) m = std::max(m, s[t]);
     __m512 sum = _mm512_setzero_ps();
     for (int64_t t = 0; t < L; t += 16) {
-      const __mmask16 mk = L - t >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (L - t)) - 1);
+      const __mmask16 mk = lanes(L - t);
       const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + t), _mm512_set1_ps(m)));
       _mm512_mask_storeu_ps(s + t, mk, e);
       sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mk, e));
@@ -708,10 +711,6 @@ inline __m512 round_trip(__m512 v, c10::BFloat16*) {  // v rounded to bfloat16 a
   alignas(64) c10::BFloat16 tmp[16];
   store_f32(tmp, v, 0xFFFF);
   return load_f32(tmp, 0xFFFF);
-}
-
-inline __mmask16 lanes(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
 }
 
 // RMSNorm as transformers computes it: h = x·rsqrt(mean(x²) + eps) in float32, rounded to x's dtype, times the
