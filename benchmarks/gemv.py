@@ -12,7 +12,9 @@ Variants, sampled in turn in one process (A/B interleaved, in a fresh random ord
 GEMV), ``torch_rowmajor`` F.linear on contiguous [out, in] weights, ``ours`` the kernel on contiguous
 [out, in] weights on torch's threads (OpenMP, the main thread's team), ``ours_pool`` the same on the kernel's
 own worker threads, run from a thread that called ``cpu_gemv.use_worker_pool`` (what the engine's scheduler
-thread does). Every sample is taken under the quiet-machine guard (``common.CpuGuard``): a sample during
+thread does), each sample 20 ms after the previous one: OpenMP's threads keep spinning for a few ms after the
+main thread's last parallel loop and then hold the CPUs the pool's threads need (the engine's main thread is
+idle). Every sample is taken under the quiet-machine guard (``common.CpuGuard``): a sample during
 which other processes used more than ``--max-other-cores`` is repeated, and the JSON counts those.
 
 Prints a table and writes benchmarks/results/gemv[_quick].json.
@@ -26,6 +28,7 @@ import random
 import statistics
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -140,8 +143,10 @@ def main() -> None:
                     xs = {k: torch.randn(M, k, generator=gen).to(dtype) for k in {w.shape[1] for w, _ in chain}}
                     times: dict[str, list[float]] = {v: [] for v in variants}
                     def sample(v: str) -> float:
-                        return pool(timed_pass, variants[v], xs, chain) if v in on_pool else timed_pass(
-                            variants[v], xs, chain)
+                        if v not in on_pool:
+                            return timed_pass(variants[v], xs, chain)
+                        time.sleep(0.02)  # OpenMP's threads spin for a few ms after the main thread's last loop
+                        return pool(timed_pass, variants[v], xs, chain)
 
                     for v in variants:  # warm-up: page the weights in, first-call setup
                         sample(v)
