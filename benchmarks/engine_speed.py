@@ -142,6 +142,9 @@ def start_peer(args, n_ctx: int):
     """``(worker, {type: context info}, manifest)`` of the built llama.cpp peer, or Nones with a message."""
     if not args.llamacpp:
         return None, {}, None
+    if args.model is not None:
+        print("llama.cpp: the peer's GGUFs hold the default model; left out of a --model run", file=sys.stderr)
+        return None, {}, None
     m = llamacpp.manifest()
     if m is None or args.device != "cpu":
         print(llamacpp.NOT_BUILT if m is None else "llama.cpp: the peer is built for the CPU; left out of a "
