@@ -8,8 +8,8 @@ chains all 120 projections in layer order: one decode step's projections). GB/s 
 per pass. float32 and bfloat16.
 
 Variants, sampled in turn in one process (A/B interleaved, in a fresh random order each round), medians over
-``--rounds``: ``torch`` is F.linear on [in, out] storage (torch's faster layout, which the loader gives weights
-where our kernel does not serve their dtype), ``torch_rowmajor`` F.linear on contiguous [out, in] weights, ``ours`` the kernel on contiguous
+``--rounds``: ``torch`` is F.linear on [in, out] storage (torch's faster layout, which the loader gives
+weights where our kernel does not serve their dtype), ``torch_rowmajor`` F.linear on contiguous [out, in] weights, ``ours`` the kernel on contiguous
 [out, in] weights on torch's threads (OpenMP, the main thread's team), ``ours_pool`` the same on the kernel's
 own worker threads, run from a thread that called ``cpu_gemv.use_worker_pool`` (what the engine's scheduler
 thread does), each sample 20 ms after the previous one: OpenMP's threads keep spinning for a few ms after the

@@ -5,8 +5,9 @@ threads and each chunk's partial softmax merged at the end (flash-decoding), flo
 bfloat16 inputs, read straight from the cache's strided views. torch's path for one query row (three small
 batched matmuls and a softmax) costs more in dispatch and thread wake-ups than in arithmetic at decode sizes.
 ``decode_step`` goes from a decoding token's q|k|v row to its attention output in one op (rotary embedding, the
-cache write, decode attention). ``attention`` is torch's ``scaled_dot_product_attention``, split over heads on the worker pool in a thread that
-called ``cpu_gemv.use_worker_pool``. Without the extension both are the torch computations they replace.
+cache write, decode attention). ``attention`` is torch's ``scaled_dot_product_attention``, split over heads on
+the worker pool in a thread that called ``cpu_gemv.use_worker_pool``. Without the extension, ``decode_attention``
+and ``attention`` are the torch computations they replace (``decode_step`` is only called where it is served).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     or bfloat16 throughout, on CPU. Returns [H, D] in q's dtype, ``softmax(scale·q·Kᵀ)·V`` per head, computed in
     float32 (bfloat16: one rounding at the end); within float32 rounding of torch's float32 result.
     """
-    if q.dtype in cpu_gemv._dtypes() and q.shape[0] // max(keys.shape[0], 1) <= 8:
+    if q.is_floating_point() and cpu_gemv.available(q.dtype) and q.shape[0] // max(keys.shape[0], 1) <= 8:
         return torch.ops.alora_cpu.decode_attention(q, keys, values, scale)
     G = q.shape[0] // keys.shape[0]
     qg = q.view(keys.shape[0], G, q.shape[-1])
@@ -41,7 +42,7 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: t
     """``F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=is_causal, scale=scale)`` for
     q [1, H, n, D] and keys/values [1, H, T, D] (heads already repeated for grouped queries); split over heads
     on the worker pool in a thread that uses it."""
-    if cpu_gemv._dtypes():
+    if cpu_gemv.available():
         return torch.ops.alora_cpu.attention(q, keys, values, mask, is_causal, scale)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=is_causal, scale=scale)
 
@@ -49,7 +50,7 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: t
 def serves_decode_step(dtype: torch.dtype) -> bool:
     """Whether ``decode_step`` runs for activations and caches of ``dtype`` here (float32, or bfloat16 where the
     CPU has AVX512_BF16, with the extension built)."""
-    return dtype in (torch.float32, torch.bfloat16) and dtype in cpu_gemv._dtypes()
+    return dtype.is_floating_point and cpu_gemv.available(dtype)
 
 
 def decode_step(qkv: torch.Tensor, row: int, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,

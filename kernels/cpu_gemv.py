@@ -9,10 +9,11 @@ extension's own worker threads in a thread that called ``use_worker_pool`` (the 
 Weight-only int8 (``quantize_int8``, ``linear_int8``) reads a quarter of float32's bytes: int8 weights with one
 float32 scale per output row, widened to float32 in registers and multiplied with float32 activations.
 
-The extension (``cpu_ops.cpp``, also ``cpu_attention``'s kernels) is compiled on first use with ``torch.utils.cpp_extension`` into ``$ALORA_CACHE/ext``
-(default ``~/.cache/alora/ext``; once, about 20 s, reused afterwards while the source is unchanged). Where it
-cannot run (no AVX-512, no bfloat16 dot products for bf16, no compiler, a build error) ``linear`` is
-``F.linear``, after a one-line warning, and ``linear_int8`` dequantizes the weight on every call.
+The extension (``cpu_ops.cpp``, also ``cpu_attention``'s and ``cpu_layers``' kernels) is compiled on first use
+with ``torch.utils.cpp_extension`` into ``$ALORA_CACHE/ext`` (default ``~/.cache/alora/ext``; once, about 20 s,
+reused afterwards while the source is unchanged). Where it cannot run (no AVX-512, no bfloat16 dot products for
+bf16, no compiler, a build error) ``linear`` is ``F.linear``, after a one-line warning, and ``linear_int8``
+dequantizes the weight on every call.
 """
 
 from __future__ import annotations

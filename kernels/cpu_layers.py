@@ -14,14 +14,12 @@ from alora_kernels import cpu_gemv
 
 __all__ = ["rms_norm", "rotary"]
 
-_SERVED = (torch.float32, torch.bfloat16)
-
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * (x·rsqrt(mean(x², -1) + eps))`` as transformers computes it: normalized in float32, rounded to
     x's dtype, then multiplied by the weight in x's dtype. x [..., D], weight [D]."""
-    if (not x.is_cuda and x.dtype in _SERVED and weight.dtype == x.dtype and x.stride(-1) == 1
-            and x.numel() <= cpu_gemv.MAX_ROWS * x.shape[-1] and x.dtype in cpu_gemv._dtypes()):
+    if (not x.is_cuda and x.is_floating_point() and weight.dtype == x.dtype and x.stride(-1) == 1
+            and x.numel() <= cpu_gemv.MAX_ROWS * x.shape[-1] and cpu_gemv.available(x.dtype)):
         return torch.ops.alora_cpu.rms_norm(x.reshape(-1, x.shape[-1]), weight, eps).view(x.shape)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
@@ -31,8 +29,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``x·cos + rotate_half(x)·sin`` for x [T, heads, D] and cos/sin [T, 1, D] of x's dtype, where
     ``rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])``, rounded as torch's ops round (bfloat16 included)."""
-    if (not x.is_cuda and x.dtype in _SERVED and cos.dtype == x.dtype and x.stride(-1) == 1
-            and x.shape[0] <= cpu_gemv.MAX_ROWS and x.dtype in cpu_gemv._dtypes()):
+    if (not x.is_cuda and x.is_floating_point() and cos.dtype == x.dtype and x.stride(-1) == 1
+            and x.shape[0] <= cpu_gemv.MAX_ROWS and cpu_gemv.available(x.dtype)):
         return torch.ops.alora_cpu.rotary(x, cos, sin)
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin

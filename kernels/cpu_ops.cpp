@@ -550,6 +550,14 @@ inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// fn(T()) with T the element type of `dtype`: float for float32, c10::BFloat16 for bfloat16 (the only two the
+// callers accept).
+template <typename F>
+decltype(auto) with_element_type(at::ScalarType dtype, const F& fn) {
+  if (dtype == at::kFloat) return fn(float());
+  return fn(c10::BFloat16());
+}
+
 // The first min(left, 16) lanes.
 inline __mmask16 lanes(int64_t left) {
   return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
@@ -675,10 +683,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "decode_attention: rows of keys and values must be contiguous");
   const at::Tensor qc = q.contiguous();
   at::Tensor out = at::empty_like(qc);
-  if (q.scalar_type() == at::kFloat)
-    run_decode_attention<float>(qc, k, v, scale, out);
-  else
-    run_decode_attention<c10::BFloat16>(qc, k, v, scale, out);
+  with_element_type(q.scalar_type(), [&](auto t) { run_decode_attention<decltype(t)>(qc, k, v, scale, out); });
   return out;
 }
 
@@ -747,10 +752,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
               "on CPU; got x ", x.sizes(), " ", x.scalar_type(), ", weight ", w.sizes(), " ", w.scalar_type());
   const at::Tensor wc = w.contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options());
-  if (dtype == at::kFloat)
-    run_rms_norm<float>(x, wc, eps, y);
-  else
-    run_rms_norm<c10::BFloat16>(x, wc, eps, y);
+  with_element_type(dtype, [&](auto t) { run_rms_norm<decltype(t)>(x, wc, eps, y); });
   return y;
 }
 
@@ -798,10 +800,7 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
               "rotary: expected x [T, heads, D even] and cos/sin [T, 1, D] of one dtype, float32 or bfloat16, on CPU; "
               "got x ", x.sizes(), ", cos ", cos.sizes());
   at::Tensor y = at::empty(x.sizes(), x.options());
-  if (dtype == at::kFloat)
-    run_rotary<float>(x, cos, sin, y);
-  else
-    run_rotary<c10::BFloat16>(x, cos, sin, y);
+  with_element_type(dtype, [&](auto t) { run_rotary<decltype(t)>(x, cos, sin, y); });
   return y;
 }
 
@@ -855,8 +854,9 @@ at::Tensor decode_step_attention(const at::Tensor& qkv, int64_t row, const at::T
   TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && cos.scalar_type() == dtype &&
                   sin.scalar_type() == dtype && k_cache.scalar_type() == dtype && v_cache.scalar_type() == dtype,
               "decode_step_attention: qkv, cos, sin and the caches must all be float32 or all bfloat16");
-  if (dtype == at::kFloat) return run_decode_step<float>(qkv, row, cos, sin, k_cache, v_cache, pos, start, heads, scale);
-  return run_decode_step<c10::BFloat16>(qkv, row, cos, sin, k_cache, v_cache, pos, start, heads, scale);
+  return with_element_type(dtype, [&](auto t) {
+    return run_decode_step<decltype(t)>(qkv, row, cos, sin, k_cache, v_cache, pos, start, heads, scale);
+  });
 }
 
 // y[start:stop] += alpha · (x[start:stop] · A[slot]ᵀ) · B[slot]ᵀ in place, for a run of rows that share one adapter

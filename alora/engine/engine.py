@@ -82,8 +82,8 @@ class Engine:
         ``quantize="int8"``: weight-only int8 on CPU. Every decoder projection (q|k|v, o, gate|up, down) and the
         LM head are quantized once at load (symmetric, one float32 scale per output row) and their float copies
         freed (a tied LM head's embedding table stays); the embeddings, norms, biases, activations, the KV
-        cache and adapters keep ``dtype``. Decode reads about a quarter of the float32 weights' bytes. Another value, or a non-CPU device, raises
-        ``QuantizationError`` (an ``AloraError`` and ``ValueError``).
+        cache and adapters keep ``dtype``. Decode reads about a quarter of the float32 weights' bytes. Another
+        value, or a non-CPU device, raises ``QuantizationError`` (an ``AloraError`` and ``ValueError``).
         """
         from transformers import AutoTokenizer, GenerationConfig
 

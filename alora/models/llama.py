@@ -59,7 +59,6 @@ class Attention(nn.Module):
             ])
         return self.o_proj(out.reshape(T, self.heads * self.head_dim))
 
-
     def _one_op_decode(self, qkv: torch.Tensor) -> bool:
         """Whether decoding tokens take ``cpu_attention.decode_step`` (rotary embedding, cache write and
         attention in one op): on CPU, for rotary models without q/k norms, in the dtypes it serves."""

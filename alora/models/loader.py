@@ -53,7 +53,8 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
 
     ``quantize="int8"`` (CPU only) stores every decoder projection (q|k|v, o, gate|up, down) and the LM head as
     int8 with one float32 scale per output row, quantized once here from ``dtype`` weights; embeddings (a tied
-    LM head's table included), norms and biases stay in ``dtype``. An unknown mode or a non-CPU device raises ``QuantizationError``.
+    LM head's table included), norms and biases stay in ``dtype``. An unknown mode or a non-CPU device raises
+    ``QuantizationError``.
     """
     check_quantize(quantize, device)
     folder = Path(folder)
