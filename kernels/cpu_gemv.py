@@ -19,6 +19,7 @@ dequantizes the weight on every call.
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from functools import cache
 from pathlib import Path
@@ -48,6 +49,18 @@ def build_dir() -> Path:
     return Path(os.environ.get("ALORA_CACHE", Path.home() / ".cache" / "alora")) / "ext"
 
 
+def _put_ninja_on_path() -> None:
+    """torch builds extensions with the ``ninja`` found on PATH; where there is none (a fresh machine without the
+    ninja-build package, a venv's python run without activating the venv), use the binary of the ``ninja`` wheel
+    this package depends on."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 @cache
 def _dtypes() -> frozenset[torch.dtype]:
     """The dtypes the kernel serves on this machine; builds and loads the extension on first call."""
@@ -58,6 +71,7 @@ def _dtypes() -> frozenset[torch.dtype]:
     try:
         from torch.utils.cpp_extension import load
 
+        _put_ninja_on_path()
         folder = build_dir()
         folder.mkdir(parents=True, exist_ok=True)
         load(name="alora_cpu", sources=[str(_SOURCE)], build_directory=str(folder), is_python_module=False,

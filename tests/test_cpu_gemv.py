@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,6 +140,26 @@ def test_a_failed_build_falls_back_to_f_linear_with_one_warning(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     count, message = proc.stdout.splitlines()[:2]
     assert count == "1" and "could not build the CPU GEMV kernel" in message and "F.linear" in message
+
+
+def test_the_kernel_builds_without_a_ninja_on_path(tmp_path):
+    """A fresh machine may lack the ninja-build package torch's extension builder looks for on PATH: the build
+    then uses the ninja wheel this package depends on (a fresh build, in a fresh process, on a PATH with every
+    program but ninja)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for folder in os.environ["PATH"].split(os.pathsep):
+        for program in Path(folder).glob("*") if Path(folder).is_dir() else ():
+            if program.name != "ninja" and not (bin_dir / program.name).exists():
+                (bin_dir / program.name).symlink_to(program)
+    code = ("import shutil, warnings\n"
+            "assert shutil.which('ninja') is None\n"
+            "warnings.simplefilter('error')\n"
+            "from alora_kernels import cpu_gemv\n"
+            "assert cpu_gemv.available()\n")
+    env = {**os.environ, "ALORA_CACHE": str(tmp_path / "cache"), "PATH": str(bin_dir)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_loader_keeps_the_projections_the_kernel_streams_row_major(tiny_dirs):
